@@ -1,0 +1,290 @@
+//! Import of QEMU's `kvm_set_user_memory` trace (`qemu-system-x86_64 -trace 'kvm_set_user_memory*'`)
+//! into memslot events.
+//!
+//! QEMU reports each `KVM_SET_USER_MEMORY_REGION` call as
+//! `kvm_set_user_memory Slot#N flags=0x.. gpa=0x.. size=0x.. ua=0x.. ret=R`, optionally prefixed by
+//! `PID@SECONDS.MICROS:` and, in newer QEMUs, with `AddrSpace#A` before the slot. A size of 0
+//! deletes the slot. Which of add / move / flags-only a non-zero call is follows from the slot's
+//! previous state, exactly as KVM decides it (`kvm_set_memslot`'s `enum kvm_mr_change`).
+//! Calls that failed (`ret != 0`) changed nothing and are counted, not imported.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+
+use tdpshare::event::{Event, EventKind, Memslot, Source, VmId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("line {line}: {what}: {text:?}")]
+    Parse {
+        line: usize,
+        what: &'static str,
+        text: String,
+    },
+    #[error("line {line}: slot {slot} deleted but never added")]
+    DeleteOfAbsentSlot { line: usize, slot: u32 },
+    #[error("cannot read the QEMU trace at line {line}")]
+    Io {
+        line: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One parsed trace line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetUserMemory {
+    /// Wall-clock time of the call, when QEMU printed one.
+    pub time_ns: Option<u64>,
+    pub as_id: u8,
+    pub slot: u16,
+    pub flags: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub ret: i64,
+}
+
+/// What an import produced besides the events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub calls: usize,
+    pub failed_calls: usize,
+    pub adds: usize,
+    pub deletes: usize,
+    pub moves: usize,
+    pub flag_changes: usize,
+    /// True when QEMU printed timestamps; otherwise events are spaced by the given interval.
+    pub timed: bool,
+}
+
+fn hex(field: &str, key: &str) -> Option<u64> {
+    let value = field.strip_prefix(key)?.strip_prefix('=')?;
+    let digits = value.strip_prefix("0x").unwrap_or(value);
+    u64::from_str_radix(digits, 16).ok()
+}
+
+/// Parses one line; `Ok(None)` for lines of other trace events.
+pub fn parse_line(line_no: usize, text: &str) -> Result<Option<SetUserMemory>, ImportError> {
+    let err = |what| ImportError::Parse {
+        line: line_no,
+        what,
+        text: text.to_owned(),
+    };
+    let Some(at) = text.find("kvm_set_user_memory ") else {
+        return Ok(None);
+    };
+    let prefix = text[..at].trim_end_matches(':').trim();
+    let time_ns = match prefix.split_once('@') {
+        Some((_pid, time)) => {
+            let (secs, micros) = time.split_once('.').ok_or_else(|| err("bad timestamp"))?;
+            let secs: u64 = secs.parse().map_err(|_| err("bad timestamp"))?;
+            let micros: u64 = micros.parse().map_err(|_| err("bad timestamp"))?;
+            Some(secs * 1_000_000_000 + micros * 1000)
+        }
+        None => None,
+    };
+    let mut call = SetUserMemory {
+        time_ns,
+        as_id: 0,
+        slot: 0,
+        flags: 0,
+        gpa: 0,
+        size: 0,
+        ret: 0,
+    };
+    let (mut have_slot, mut have_gpa, mut have_size) = (false, false, false);
+    for field in text[at + "kvm_set_user_memory ".len()..].split_whitespace() {
+        if let Some(n) = field.strip_prefix("AddrSpace#") {
+            call.as_id = n.parse().map_err(|_| err("bad address space"))?;
+        } else if let Some(n) = field.strip_prefix("Slot#") {
+            // QEMU's slot number carries the address space in bits 16 and up.
+            let raw: u32 = n.parse().map_err(|_| err("bad slot"))?;
+            call.slot = (raw & 0xffff) as u16;
+            if raw >> 16 != 0 {
+                call.as_id = (raw >> 16) as u8;
+            }
+            have_slot = true;
+        } else if field.starts_with("flags=") {
+            call.flags = hex(field, "flags")
+                .and_then(|f| u32::try_from(f).ok())
+                .ok_or_else(|| err("bad flags"))?;
+        } else if field.starts_with("gpa=") {
+            call.gpa = hex(field, "gpa").ok_or_else(|| err("bad gpa"))?;
+            have_gpa = true;
+        } else if field.starts_with("size=") {
+            call.size = hex(field, "size").ok_or_else(|| err("bad size"))?;
+            have_size = true;
+        } else if let Some(ret) = field.strip_prefix("ret=") {
+            call.ret = ret.parse().map_err(|_| err("bad ret"))?;
+        }
+    }
+    if !(have_slot && have_gpa && have_size) {
+        return Err(err("missing Slot#, gpa= or size="));
+    }
+    Ok(Some(call))
+}
+
+/// Turns a QEMU trace into memslot events of VM `vm`. Untimed traces get one event every
+/// `spacing_ns`, in order.
+pub fn import(
+    input: impl BufRead,
+    vm: VmId,
+    spacing_ns: u64,
+) -> Result<(Vec<Event>, ImportSummary), ImportError> {
+    let mut slots: HashMap<(u8, u16), Memslot> = HashMap::new();
+    let mut events = Vec::new();
+    let mut summary = ImportSummary::default();
+    let mut first_time = None;
+    for (i, line) in input.lines().enumerate() {
+        let line_no = i + 1;
+        let text = line.map_err(|source| ImportError::Io {
+            line: line_no,
+            source,
+        })?;
+        let Some(call) = parse_line(line_no, &text)? else {
+            continue;
+        };
+        summary.calls += 1;
+        if call.ret != 0 {
+            summary.failed_calls += 1;
+            continue;
+        }
+        let ts_ns = match call.time_ns {
+            Some(t) => {
+                summary.timed = true;
+                t - *first_time.get_or_insert(t)
+            }
+            None => summary.calls as u64 * spacing_ns,
+        };
+        let key = (call.as_id, call.slot);
+        let new = Memslot {
+            slot: call.slot,
+            as_id: call.as_id,
+            gpa: call.gpa,
+            size: call.size,
+            flags: call.flags,
+        };
+        let kind = match (slots.get(&key).copied(), call.size) {
+            (None, 0) => {
+                return Err(ImportError::DeleteOfAbsentSlot {
+                    line: line_no,
+                    slot: u32::from(call.slot),
+                });
+            }
+            (Some(old), 0) => {
+                slots.remove(&key);
+                summary.deletes += 1;
+                EventKind::MemslotDelete(old)
+            }
+            (None, _) => {
+                slots.insert(key, new);
+                summary.adds += 1;
+                EventKind::MemslotAdd(new)
+            }
+            (Some(old), _) if old.gpa != new.gpa => {
+                slots.insert(key, new);
+                summary.moves += 1;
+                EventKind::MemslotMove {
+                    old_gpa: old.gpa,
+                    slot: new,
+                }
+            }
+            (Some(old), _) => {
+                slots.insert(key, new);
+                summary.flag_changes += 1;
+                EventKind::MemslotFlags {
+                    old_flags: old.flags,
+                    slot: new,
+                }
+            }
+        };
+        events.push(Event::new(ts_ns, vm, Source::Replay, kind));
+    }
+    Ok((events, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::io::BufReader<std::fs::File> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/qemu-memslots")
+            .join(name);
+        std::io::BufReader::new(std::fs::File::open(path).unwrap())
+    }
+
+    #[test]
+    fn seabios_pc_boot_matches_the_live_probe_count() {
+        // Counted independently on this machine's live kernel: 37 ops, 23 add, 14 delete.
+        let (events, s) = import(fixture("seabios-pc-2g.trace"), 1, 1000).unwrap();
+        assert_eq!((s.calls, s.adds, s.deletes), (37, 23, 14));
+        assert_eq!((s.moves, s.flag_changes, s.failed_calls), (0, 0, 0));
+        assert_eq!(events.len(), 37);
+        let EventKind::MemslotAdd(first) = events[0].kind else {
+            panic!("first event is {:?}", events[0].kind)
+        };
+        assert_eq!((first.gpa, first.size), (0, 0x8000_0000));
+        // Delete events carry the deleted slot's extent, not the call's size=0.
+        let EventKind::MemslotDelete(del) = events[2].kind else {
+            panic!()
+        };
+        assert_eq!(del.size, 0x8000_0000);
+    }
+
+    #[test]
+    fn committed_trace_fixture_is_this_importers_output() {
+        // fixtures/traces/seabios-pc-2g.jsonl was written by
+        // `tdpshare-analyze import-qemu ... --vm 1 --start-unix-ns 0`; it must stay in step.
+        let (events, _) = import(fixture("seabios-pc-2g.trace"), 1, 1_000_000).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/traces/seabios-pc-2g.jsonl");
+        let recorded: Vec<Event> = tdpshare::trace::TraceReader::open(path)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(recorded, events);
+    }
+
+    #[test]
+    fn q35_with_intel_iommu_imports() {
+        let (events, s) = import(fixture("seabios-q35-intel-iommu.trace"), 1, 1000).unwrap();
+        assert_eq!(s.calls, 39);
+        assert_eq!(events.len(), s.adds + s.deletes + s.moves + s.flag_changes);
+        assert!(!s.timed);
+    }
+
+    #[test]
+    fn timestamps_address_spaces_moves_and_flag_changes() {
+        let text = "\
+100@1700000000.000010:kvm_set_user_memory AddrSpace#1 Slot#3 flags=0x0 gpa=0x1000 size=0x1000 ua=0x1 ret=0
+100@1700000000.000030:kvm_set_user_memory AddrSpace#1 Slot#3 flags=0x1 gpa=0x1000 size=0x1000 ua=0x1 ret=0
+kvm_set_user_memory Slot#65539 flags=0x1 gpa=0x9000 size=0x1000 ua=0x1 ret=0
+kvm_set_user_memory Slot#4 flags=0x0 gpa=0x0 size=0x1000 ua=0x1 ret=-17
+some_other_event x=1
+";
+        let (events, s) = import(text.as_bytes(), 9, 1).unwrap();
+        assert_eq!(
+            (s.adds, s.flag_changes, s.moves, s.failed_calls),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(events[1].ts_ns, 20_000);
+        assert!(matches!(
+            events[2].kind,
+            EventKind::MemslotMove { old_gpa: 0x1000, slot } if slot.as_id == 1 && slot.slot == 3
+        ));
+    }
+
+    #[test]
+    fn bad_lines_name_their_number() {
+        let err = import("kvm_set_user_memory Slot#x gpa=0 size=0\n".as_bytes(), 1, 1).unwrap_err();
+        assert!(err.to_string().starts_with("line 1: bad slot"), "{err}");
+        let err = import(
+            "\nkvm_set_user_memory Slot#2 flags=0x0 gpa=0x0 size=0x0 ua=0 ret=0\n".as_bytes(),
+            1,
+            1,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "line 2: slot 2 deleted but never added");
+    }
+}

@@ -1,0 +1,643 @@
+//! The one event model shared by the kernel side, the probes, `sharetop`, the analysis and the bench.
+//!
+//! An [`Event`] looks the same whether it came from a live kernel (the eBPF probes), from the
+//! simulator, or from a replayed trace file: only [`Event::source`] tells them apart. Everything
+//! here is `no_std`; serde derives sit behind the `serde` feature and define the field names of the
+//! trace file format (`docs/trace-format.md`), so renaming a field is a format change.
+//!
+//! Units: timestamps and durations are nanoseconds; guest physical ranges are bytes
+//! ([`GpaRange`]); `gfn` fields are 4 KiB guest frame numbers; `level` is KVM's numbering
+//! (1 = 4 KiB leaf, 2 = 2 MiB, 3 = 1 GiB, 4/5 = the PML4/PML5 root).
+
+use alloc::string::String;
+use core::fmt;
+
+#[cfg(feature = "serde")]
+use serde::{Deserialize, Serialize};
+
+/// Identifies a VM: the VMM's pid for live events, the simulator's VM number otherwise.
+pub type VmId = u64;
+
+/// Where an event was observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Source {
+    /// The eBPF probes on a running kernel.
+    Live,
+    /// The deterministic simulator driving this crate.
+    Simulator,
+    /// Read back from a trace file.
+    Replay,
+}
+
+/// A range of guest physical (or IO virtual) addresses, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct GpaRange {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl GpaRange {
+    pub const fn new(start: u64, size: u64) -> Self {
+        Self { start, size }
+    }
+
+    /// One past the last byte; saturates instead of wrapping.
+    pub const fn end(&self) -> u64 {
+        self.start.saturating_add(self.size)
+    }
+
+    /// Number of 4 KiB frames the range touches.
+    pub const fn pages_4k(&self) -> u64 {
+        if self.size == 0 {
+            return 0;
+        }
+        let first = self.start >> 12;
+        let last = (self.end() - 1) >> 12;
+        last - first + 1
+    }
+}
+
+/// The size of a leaf mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub enum PageSize {
+    #[cfg_attr(feature = "serde", serde(rename = "4K"))]
+    Size4K,
+    #[cfg_attr(feature = "serde", serde(rename = "2M"))]
+    Size2M,
+    #[cfg_attr(feature = "serde", serde(rename = "1G"))]
+    Size1G,
+}
+
+impl PageSize {
+    pub const ALL: [PageSize; 3] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G];
+
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => 1 << 12,
+            PageSize::Size2M => 1 << 21,
+            PageSize::Size1G => 1 << 30,
+        }
+    }
+
+    /// KVM's level of a leaf of this size (1, 2 or 3).
+    pub const fn level(self) -> u8 {
+        match self {
+            PageSize::Size4K => 1,
+            PageSize::Size2M => 2,
+            PageSize::Size1G => 3,
+        }
+    }
+
+    pub const fn from_level(level: u8) -> Option<PageSize> {
+        match level {
+            1 => Some(PageSize::Size4K),
+            2 => Some(PageSize::Size2M),
+            3 => Some(PageSize::Size1G),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PageSize::Size4K => "4K",
+            PageSize::Size2M => "2M",
+            PageSize::Size1G => "1G",
+        })
+    }
+}
+
+/// Why a root was allocated, switched to or freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum RootCause {
+    /// First root of a vCPU / address space.
+    Initial,
+    /// A memslot deletion or move made KVM invalidate all roots (fast zap).
+    MemslotChange,
+    /// A vCPU entered or left SMM (the SMM address space has its own root).
+    Smm,
+    /// The vCPU's MMU context was reset (CR0/CR4/EFER change, nested transition).
+    ContextReset,
+    /// The last reference went away (after invalidation, or VM teardown).
+    Released,
+    /// Observed live without enough context to tell.
+    Unknown,
+}
+
+/// A TDP root: its identity (the root table's physical address for live events, an id in the
+/// simulator), its level and its address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Root {
+    pub root: u64,
+    pub level: u8,
+    pub smm: bool,
+    pub cause: RootCause,
+}
+
+/// What an IOTLB invalidation covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum FlushScope {
+    /// Every domain.
+    All,
+    /// One domain, every address.
+    Domain,
+    /// One domain, a range of IO virtual addresses.
+    Range,
+}
+
+/// A KVM memslot as a memslot event reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Memslot {
+    /// Slot id within its address space.
+    pub slot: u16,
+    /// Address space: 0 normal, 1 SMM.
+    pub as_id: u8,
+    pub gpa: u64,
+    pub size: u64,
+    /// `KVM_MEM_*` flags (bit 0 dirty logging, bit 1 read-only, bit 2 guest_memfd).
+    pub flags: u32,
+}
+
+impl Memslot {
+    pub const FLAG_LOG_DIRTY: u32 = 1 << 0;
+    pub const FLAG_READONLY: u32 = 1 << 1;
+    pub const FLAG_GUEST_MEMFD: u32 = 1 << 2;
+
+    pub const fn range(&self) -> GpaRange {
+        GpaRange::new(self.gpa, self.size)
+    }
+}
+
+/// The sharing designs this project implements side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum ShareMode {
+    /// The 2021 design: pin everything, pre-populate on every new root.
+    PinPrepopulate,
+    /// The 2023 RFC: exported root that never changes, IO page faults instead of pinning.
+    ExportedIopf,
+    /// The reviewers' alternative: a second, KVM-managed table for the IOMMU.
+    SeparateTable,
+    /// This project's: persistent shared root, huge pages kept, batched invalidations.
+    Optimized,
+}
+
+impl ShareMode {
+    pub const ALL: [ShareMode; 4] = [
+        ShareMode::PinPrepopulate,
+        ShareMode::ExportedIopf,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ShareMode::PinPrepopulate => "pin_prepopulate",
+            ShareMode::ExportedIopf => "exported_iopf",
+            ShareMode::SeparateTable => "separate_table",
+            ShareMode::Optimized => "optimized",
+        }
+    }
+}
+
+impl fmt::Display for ShareMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The permission and state bits of a TDP entry, independent of the EPT/NPT encoding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SpteFlags(u16);
+
+impl SpteFlags {
+    pub const PRESENT: SpteFlags = SpteFlags(1 << 0);
+    pub const READ: SpteFlags = SpteFlags(1 << 1);
+    pub const WRITE: SpteFlags = SpteFlags(1 << 2);
+    pub const EXEC: SpteFlags = SpteFlags(1 << 3);
+    /// A leaf above level 1 (2 MiB / 1 GiB page).
+    pub const HUGE: SpteFlags = SpteFlags(1 << 4);
+    pub const ACCESSED: SpteFlags = SpteFlags(1 << 5);
+    pub const DIRTY: SpteFlags = SpteFlags(1 << 6);
+    /// VT-d second-level snoop (bit 11 in the entry).
+    pub const SNOOP: SpteFlags = SpteFlags(1 << 7);
+    /// Pinned for DMA: the entry may only change non-zero → non-zero.
+    pub const PINNED: SpteFlags = SpteFlags(1 << 8);
+
+    /// The letters of the text form, in bit order.
+    const LETTERS: [u8; 9] = *b"prwxhadsP";
+
+    pub const fn empty() -> Self {
+        SpteFlags(0)
+    }
+    pub const fn bits(self) -> u16 {
+        self.0
+    }
+    pub const fn from_bits_truncate(bits: u16) -> Self {
+        SpteFlags(bits & ((1 << Self::LETTERS.len()) - 1))
+    }
+    pub const fn contains(self, other: SpteFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub const fn union(self, other: SpteFlags) -> Self {
+        SpteFlags(self.0 | other.0)
+    }
+    pub const fn difference(self, other: SpteFlags) -> Self {
+        SpteFlags(self.0 & !other.0)
+    }
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Parses the text form written by `Display` (e.g. `prw-h-----`); `None` on a foreign letter.
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        if bytes.len() != Self::LETTERS.len() {
+            return None;
+        }
+        let mut bits = 0u16;
+        for (i, (&b, &letter)) in bytes.iter().zip(Self::LETTERS.iter()).enumerate() {
+            if b == letter {
+                bits |= 1 << i;
+            } else if b != b'-' {
+                return None;
+            }
+        }
+        Some(SpteFlags(bits))
+    }
+}
+
+impl core::ops::BitOr for SpteFlags {
+    type Output = SpteFlags;
+    fn bitor(self, rhs: SpteFlags) -> SpteFlags {
+        self.union(rhs)
+    }
+}
+
+impl fmt::Display for SpteFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &letter) in Self::LETTERS.iter().enumerate() {
+            let c = if self.0 & (1 << i) != 0 { letter } else { b'-' };
+            fmt::Write::write_char(f, c as char)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SpteFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpteFlags({self})")
+    }
+}
+
+#[cfg(feature = "serde")]
+impl Serialize for SpteFlags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> Deserialize<'de> for SpteFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <alloc::borrow::Cow<'de, str>>::deserialize(d)?;
+        SpteFlags::parse(&text).ok_or_else(|| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&text),
+                &"nine flag letters `prwxhadsP` or `-`",
+            )
+        })
+    }
+}
+
+/// What happened. The serde tag (`type`) is the event's name in trace files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "type", rename_all = "snake_case"))]
+pub enum EventKind {
+    /// Pre-population of a pinned range began (seed path 1).
+    PrepopulateStart {
+        range: GpaRange,
+        page_size: PageSize,
+    },
+    /// Pre-population of a range finished: `entries` leaf entries written in `ns`.
+    PrepopulateEnd {
+        range: GpaRange,
+        page_size: PageSize,
+        entries: u64,
+        ns: u64,
+    },
+    /// A new root table was allocated (seed path 2: root update).
+    RootAlloc(Root),
+    /// A vCPU (or the IOMMU) switched to a root.
+    RootSwitch(Root),
+    /// A root table was freed.
+    RootFree(Root),
+    /// All roots invalidated at once (`kvm_mmu_zap_all_fast`).
+    FastZap {
+        generation: u64,
+        pages: u64,
+    },
+    /// Entries of a range were zapped (`tables`: page tables freed too, not only leaves).
+    Zap {
+        range: GpaRange,
+        tables: bool,
+        entries: u64,
+    },
+    /// A huge leaf at `gfn` of `level` was replaced by a table of smaller leaves.
+    HugePageSplit {
+        gfn: u64,
+        level: u8,
+    },
+    /// A table of leaves at `gfn` was replaced by one huge leaf of `level`.
+    HugePageCollapse {
+        gfn: u64,
+        level: u8,
+    },
+    /// One TDP entry changed.
+    SpteSet {
+        gfn: u64,
+        level: u8,
+        old: SpteFlags,
+        new: SpteFlags,
+    },
+    /// A TDP page fault taken by a vCPU.
+    PageFault {
+        gfn: u64,
+        error_code: u64,
+    },
+    /// The IOMMU driver mapped `size` bytes at `iova`.
+    IommuMap {
+        iova: u64,
+        size: u64,
+    },
+    /// The IOMMU driver unmapped `size` bytes at `iova`.
+    IommuUnmap {
+        iova: u64,
+        size: u64,
+    },
+    /// An IOTLB invalidation (seed path 3); `range` is set for `FlushScope::Range`.
+    IotlbFlush {
+        scope: FlushScope,
+        domain: Option<u32>,
+        range: Option<GpaRange>,
+        ns: u64,
+    },
+    /// Guest memory was pinned for DMA (FOLL_LONGTERM).
+    Pin {
+        range: GpaRange,
+        pages: u64,
+    },
+    /// Pinned guest memory was released.
+    Unpin {
+        range: GpaRange,
+        pages: u64,
+    },
+    MemslotAdd(Memslot),
+    MemslotDelete(Memslot),
+    /// A slot moved from `old_gpa` to `slot.gpa`.
+    MemslotMove {
+        old_gpa: u64,
+        slot: Memslot,
+    },
+    /// Only the flags of a slot changed (e.g. dirty logging on/off).
+    MemslotFlags {
+        old_flags: u32,
+        slot: Memslot,
+    },
+    SharingRequested {
+        mode: ShareMode,
+    },
+    SharingStarted {
+        mode: ShareMode,
+        handle: u64,
+    },
+    /// Sharing ended; `unpinned` pages were released.
+    SharingStopped {
+        mode: ShareMode,
+        unpinned: u64,
+    },
+    /// The handshake refused sharing; `reason` names every failed prerequisite.
+    SharingRefused {
+        mode: ShareMode,
+        reason: String,
+    },
+    /// The device faulted on `iova`; `resolved` when the TDP fault path mapped it.
+    IoPageFault {
+        iova: u64,
+        write: bool,
+        resolved: bool,
+    },
+}
+
+impl EventKind {
+    /// Every event name (the trace format's `type` tag), in declaration order.
+    pub const NAMES: [&'static str; 25] = [
+        "prepopulate_start",
+        "prepopulate_end",
+        "root_alloc",
+        "root_switch",
+        "root_free",
+        "fast_zap",
+        "zap",
+        "huge_page_split",
+        "huge_page_collapse",
+        "spte_set",
+        "page_fault",
+        "iommu_map",
+        "iommu_unmap",
+        "iotlb_flush",
+        "pin",
+        "unpin",
+        "memslot_add",
+        "memslot_delete",
+        "memslot_move",
+        "memslot_flags",
+        "sharing_requested",
+        "sharing_started",
+        "sharing_stopped",
+        "sharing_refused",
+        "io_page_fault",
+    ];
+
+    /// This event's name, as written in trace files.
+    pub const fn name(&self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+
+    /// Position in [`EventKind::NAMES`]; stable for a given format version.
+    pub const fn index(&self) -> usize {
+        match self {
+            EventKind::PrepopulateStart { .. } => 0,
+            EventKind::PrepopulateEnd { .. } => 1,
+            EventKind::RootAlloc(_) => 2,
+            EventKind::RootSwitch(_) => 3,
+            EventKind::RootFree(_) => 4,
+            EventKind::FastZap { .. } => 5,
+            EventKind::Zap { .. } => 6,
+            EventKind::HugePageSplit { .. } => 7,
+            EventKind::HugePageCollapse { .. } => 8,
+            EventKind::SpteSet { .. } => 9,
+            EventKind::PageFault { .. } => 10,
+            EventKind::IommuMap { .. } => 11,
+            EventKind::IommuUnmap { .. } => 12,
+            EventKind::IotlbFlush { .. } => 13,
+            EventKind::Pin { .. } => 14,
+            EventKind::Unpin { .. } => 15,
+            EventKind::MemslotAdd(_) => 16,
+            EventKind::MemslotDelete(_) => 17,
+            EventKind::MemslotMove { .. } => 18,
+            EventKind::MemslotFlags { .. } => 19,
+            EventKind::SharingRequested { .. } => 20,
+            EventKind::SharingStarted { .. } => 21,
+            EventKind::SharingStopped { .. } => 22,
+            EventKind::SharingRefused { .. } => 23,
+            EventKind::IoPageFault { .. } => 24,
+        }
+    }
+
+    /// The seed design's path this event belongs to, for grouping in views and reports.
+    pub const fn path(&self) -> Path {
+        match self {
+            EventKind::PrepopulateStart { .. }
+            | EventKind::PrepopulateEnd { .. }
+            | EventKind::SpteSet { .. }
+            | EventKind::PageFault { .. }
+            | EventKind::HugePageSplit { .. }
+            | EventKind::HugePageCollapse { .. } => Path::Prepopulation,
+            EventKind::RootAlloc(_)
+            | EventKind::RootSwitch(_)
+            | EventKind::RootFree(_)
+            | EventKind::FastZap { .. }
+            | EventKind::Zap { .. } => Path::RootUpdate,
+            EventKind::IommuMap { .. }
+            | EventKind::IommuUnmap { .. }
+            | EventKind::IotlbFlush { .. }
+            | EventKind::IoPageFault { .. }
+            | EventKind::Pin { .. }
+            | EventKind::Unpin { .. } => Path::Iommu,
+            EventKind::MemslotAdd(_)
+            | EventKind::MemslotDelete(_)
+            | EventKind::MemslotMove { .. }
+            | EventKind::MemslotFlags { .. } => Path::Memslot,
+            EventKind::SharingRequested { .. }
+            | EventKind::SharingStarted { .. }
+            | EventKind::SharingStopped { .. }
+            | EventKind::SharingRefused { .. } => Path::Sharing,
+        }
+    }
+}
+
+/// The seed design's three paths, plus memslot and sharing-control events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Path {
+    Prepopulation,
+    RootUpdate,
+    Iommu,
+    Memslot,
+    Sharing,
+}
+
+/// One observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Event {
+    /// Nanoseconds since the trace's start time (the header's `start_unix_ns`).
+    pub ts_ns: u64,
+    pub vm: VmId,
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub vcpu: Option<u32>,
+    pub source: Source,
+    pub kind: EventKind,
+}
+
+impl Event {
+    pub const fn new(ts_ns: u64, vm: VmId, source: Source, kind: EventKind) -> Self {
+        Self {
+            ts_ns,
+            vm,
+            vcpu: None,
+            source,
+            kind,
+        }
+    }
+
+    pub const fn on_vcpu(mut self, vcpu: u32) -> Self {
+        self.vcpu = Some(vcpu);
+        self
+    }
+}
+
+/// Where the kernel side sends every event it emits. One sink per consumer chain; the kernel
+/// build implements it with tracepoints, userspace with a channel, a recorder or a counter.
+pub trait EventSink {
+    fn emit(&mut self, event: Event);
+}
+
+/// Drops everything (a kernel build without tracing).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSink;
+
+impl EventSink for NullSink {
+    fn emit(&mut self, _event: Event) {}
+}
+
+impl EventSink for alloc::vec::Vec<Event> {
+    fn emit(&mut self, event: Event) {
+        self.push(event);
+    }
+}
+
+impl<S: EventSink + ?Sized> EventSink for &mut S {
+    fn emit(&mut self, event: Event) {
+        (**self).emit(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_text_round_trips() {
+        let f = SpteFlags::PRESENT | SpteFlags::READ | SpteFlags::HUGE | SpteFlags::PINNED;
+        let text = alloc::format!("{f}");
+        assert_eq!(text, "pr--h---P");
+        assert_eq!(SpteFlags::parse(&text), Some(f));
+        assert_eq!(SpteFlags::parse("pr--h---"), None);
+        assert_eq!(SpteFlags::parse("pr--z---P"), None);
+    }
+
+    #[test]
+    fn range_pages_count_partial_frames() {
+        assert_eq!(GpaRange::new(0, 0).pages_4k(), 0);
+        assert_eq!(GpaRange::new(0, 1).pages_4k(), 1);
+        assert_eq!(GpaRange::new(0xfff, 2).pages_4k(), 2);
+        assert_eq!(GpaRange::new(0x1000, 0x2000).pages_4k(), 2);
+    }
+
+    #[test]
+    fn page_size_level_round_trips() {
+        for size in PageSize::ALL {
+            assert_eq!(PageSize::from_level(size.level()), Some(size));
+        }
+        assert_eq!(PageSize::from_level(4), None);
+    }
+}

@@ -1,0 +1,279 @@
+//! The overview: one row per VM with the totals of the three seed paths.
+//!
+//! The columns defined here are the only ones: the TUI, `--format table`, `csv` and `json` all
+//! use [`COLUMNS`], so a field has the same name everywhere.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use tdpshare::event::{Event, VmId};
+use tdpshare::stats::VmStats;
+
+/// A value in a column: counts stay integers, durations and sizes are shown with a unit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    Count(u64),
+    /// Milliseconds, from nanoseconds.
+    Millis(u64),
+    /// Mebibytes, from 4 KiB pages.
+    MiB(u64),
+}
+
+impl Value {
+    fn text(self) -> String {
+        match self {
+            Value::Count(n) => n.to_string(),
+            Value::Millis(ns) => format!("{:.3}", ns as f64 / 1e6),
+            Value::MiB(pages) => format!("{:.1}", pages as f64 / 256.0),
+        }
+    }
+
+    fn json(self) -> serde_json::Value {
+        match self {
+            Value::Count(n) => n.into(),
+            Value::Millis(ns) => (ns as f64 / 1e6).into(),
+            Value::MiB(pages) => (pages as f64 / 256.0).into(),
+        }
+    }
+
+    fn sort_key(self) -> u64 {
+        match self {
+            Value::Count(n) | Value::Millis(n) | Value::MiB(n) => n,
+        }
+    }
+}
+
+/// One column: its field name (TUI header, CSV header, JSON key) and how to get it.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    pub name: &'static str,
+    pub value: fn(&VmRow) -> Value,
+}
+
+pub const COLUMNS: &[Column] = &[
+    Column {
+        name: "vm",
+        value: |r| Value::Count(r.vm),
+    },
+    Column {
+        name: "prepops",
+        value: |r| Value::Count(r.stats.prepopulations),
+    },
+    Column {
+        name: "entries",
+        value: |r| Value::Count(r.stats.prepop_entries),
+    },
+    Column {
+        name: "prepop_ms",
+        value: |r| Value::Millis(r.stats.prepop_total_ns()),
+    },
+    Column {
+        name: "roots",
+        value: |r| Value::Count(r.stats.root_updates()),
+    },
+    Column {
+        name: "fast_zaps",
+        value: |r| Value::Count(r.stats.fast_zaps),
+    },
+    Column {
+        name: "splits",
+        value: |r| Value::Count(r.stats.splits),
+    },
+    Column {
+        name: "iotlb_flushes",
+        value: |r| Value::Count(r.stats.iotlb_flushes),
+    },
+    Column {
+        name: "dma_maps",
+        value: |r| Value::Count(r.stats.dma_maps),
+    },
+    Column {
+        name: "dma_unmaps",
+        value: |r| Value::Count(r.stats.dma_unmaps),
+    },
+    Column {
+        name: "iopf",
+        value: |r| Value::Count(r.stats.io_page_faults),
+    },
+    Column {
+        name: "pinned_mib",
+        value: |r| Value::MiB(r.stats.pinned_pages),
+    },
+    Column {
+        name: "memslot_ops",
+        value: |r| Value::Count(r.stats.memslot_ops),
+    },
+];
+
+/// One VM's row.
+#[derive(Debug, Clone, Default)]
+pub struct VmRow {
+    pub vm: VmId,
+    pub stats: VmStats,
+}
+
+/// Every VM seen, keyed by VM id.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    rows: BTreeMap<VmId, VmRow>,
+}
+
+impl Overview {
+    pub fn record(&mut self, event: &Event) {
+        self.rows
+            .entry(event.vm)
+            .or_insert_with(|| VmRow {
+                vm: event.vm,
+                ..VmRow::default()
+            })
+            .stats
+            .record(event);
+    }
+
+    /// Rows sorted by `column` (descending, ties by VM id), or by VM id when `None`.
+    pub fn rows(&self, column: Option<&Column>) -> Vec<&VmRow> {
+        let mut rows: Vec<_> = self.rows.values().collect();
+        if let Some(c) = column {
+            rows.sort_by(|a, b| {
+                (c.value)(b)
+                    .sort_key()
+                    .cmp(&(c.value)(a).sort_key())
+                    .then(a.vm.cmp(&b.vm))
+            });
+        }
+        rows
+    }
+
+    pub fn table(&self, column: Option<&Column>) -> String {
+        let rows = self.rows(column);
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| COLUMNS.iter().map(|c| (c.value)(r).text()).collect())
+            .collect();
+        let widths: Vec<usize> = COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .map(|row| row[i].len())
+                    .chain([c.name.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        let line = |out: &mut String, fields: &mut dyn Iterator<Item = &str>| {
+            let parts: Vec<String> = fields
+                .zip(&widths)
+                .map(|(f, w)| format!("{f:>w$}"))
+                .collect();
+            let _ = writeln!(out, "{}", parts.join("  "));
+        };
+        line(&mut out, &mut COLUMNS.iter().map(|c| c.name));
+        for row in &cells {
+            line(&mut out, &mut row.iter().map(String::as_str));
+        }
+        out
+    }
+
+    pub fn csv(&self, column: Option<&Column>) -> String {
+        let mut out = COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(",");
+        out.push('\n');
+        for r in self.rows(column) {
+            let fields: Vec<String> = COLUMNS.iter().map(|c| (c.value)(r).text()).collect();
+            out.push_str(&fields.join(","));
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn json(&self, column: Option<&Column>) -> serde_json::Value {
+        self.rows(column)
+            .into_iter()
+            .map(|r| {
+                COLUMNS
+                    .iter()
+                    .map(|c| (c.name.to_owned(), (c.value)(r).json()))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            })
+            .collect::<Vec<serde_json::Value>>()
+            .into()
+    }
+}
+
+/// The column called `name`.
+pub fn column(name: &str) -> Option<&'static Column> {
+    COLUMNS.iter().find(|c| c.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tdpshare::event::{EventKind, GpaRange, Source};
+
+    fn overview() -> Overview {
+        let mut o = Overview::default();
+        let range = GpaRange::new(0, 1 << 30);
+        for (vm, pages) in [(7, 512), (3, 262144), (9, 1)] {
+            o.record(&Event::new(
+                0,
+                vm,
+                Source::Simulator,
+                EventKind::Pin { range, pages },
+            ));
+        }
+        o.record(&Event::new(
+            1,
+            9,
+            Source::Simulator,
+            EventKind::IotlbFlush {
+                scope: tdpshare::event::FlushScope::All,
+                domain: None,
+                range: None,
+                ns: 2_500_000,
+            },
+        ));
+        o
+    }
+
+    #[test]
+    fn sorts_descending_with_ties_by_vm() {
+        let o = overview();
+        let by = |name| {
+            o.rows(column(name))
+                .iter()
+                .map(|r| r.vm)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(by("pinned_mib"), [3, 7, 9]);
+        assert_eq!(by("iotlb_flushes"), [9, 3, 7]);
+        assert_eq!(
+            o.rows(None).iter().map(|r| r.vm).collect::<Vec<_>>(),
+            [3, 7, 9]
+        );
+    }
+
+    #[test]
+    fn formats_share_field_names() {
+        let o = overview();
+        let csv = o.csv(None);
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let json = o.json(None);
+        let keys: Vec<&str> = json[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut sorted_header = header.clone();
+        sorted_header.sort();
+        let mut sorted_keys = keys.clone();
+        sorted_keys.sort();
+        assert_eq!(sorted_header, sorted_keys);
+        assert!(o.table(None).lines().next().unwrap().contains("pinned_mib"));
+        assert_eq!(json[0]["pinned_mib"], 1024.0);
+        assert_eq!(json[2]["iotlb_flushes"], 1);
+    }
+}
