@@ -2,7 +2,8 @@
 //!
 //! - `setup`: installs what this project needs on a fresh Debian 12 machine (idempotent: it
 //!   prints what it installs and skips what is present).
-//! - `test`: every test, plus the checks that keep the kernel-side crate kernel-buildable.
+//! - `test`: every test (the concurrency stress test in release mode), plus the check that
+//!   keeps the kernel-side crate kernel-buildable.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -153,11 +154,27 @@ fn test() -> anyhow::Result<()> {
     )?;
     // Doc tests are not part of --all-targets.
     let docs = cargo_test(&["--workspace", "--all-features", "--doc"], &mut totals)?;
+    // The concurrency proof at full size: ten million DMA translations, in release mode.
+    let stress = cargo_test(
+        &[
+            "--release",
+            "-p",
+            "tdpshare",
+            "--features",
+            "std",
+            "--test",
+            "concurrency",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ],
+        &mut totals,
+    )?;
     println!(
         "tests: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
-    ensure!(units && docs, "some tests failed");
+    ensure!(units && docs && stress, "some tests failed");
     ensure!(totals.passed > 0, "no test ran");
     Ok(())
 }

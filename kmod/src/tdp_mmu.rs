@@ -1,0 +1,1291 @@
+//! The TDP MMU: roots, and the operations that change their tables, modelled on Linux's
+//! `arch/x86/kvm/mmu/tdp_mmu.c`.
+//!
+//! **Locking rule** (one for the whole type): every operation that changes a table takes
+//! `&mut self` — one writer at a time, as KVM's `mmu_lock` held for write. Hardware walkers (vCPUs
+//! and the IOMMU) read the same tables concurrently and may set accessed/dirty bits, so:
+//!
+//! 1. every table is completely built before it is linked, with a single atomic store or
+//!    compare-and-swap of its parent entry;
+//! 2. every change of a present entry is a compare-and-swap against the value read (a lost race
+//!    with a hardware A/D update is retried, never overwritten);
+//! 3. an entry marked *pinned* (DMA may hit it at any time, there are no IO page faults) only
+//!    changes non-zero → non-zero: a huge-page split installs the complete child table in one
+//!    compare-and-swap, a collapse installs the complete huge leaf in one, a permission change
+//!    rewrites the leaf in one; pinned leaves are never zapped nor re-pointed to another frame —
+//!    such requests fail with an error and change nothing;
+//! 4. an unlinked table is retired through [`PageAllocator::free_table`], which defers reuse
+//!    until every walker that might still see it is gone (RCU).
+//!
+//! Every operation checks its whole request before it changes anything, so an error leaves the
+//! tables as they were. The IOTLB flush a change needs is the caller's job (the outcome says
+//! whether one is needed), because the caller knows how to batch them.
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::Ordering;
+
+use crate::clock::Clock;
+use crate::event::{Event, EventKind, GpaRange, Root as RootEvent, RootCause, Source, VmId};
+use crate::format::{LeafAttrs, Perms, PteFormat};
+use crate::page_alloc::{PageAllocator, PhysAddr};
+use crate::tdp_iter::{IterPos, TdpIter};
+
+/// Names a root of this MMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RootId(pub u64);
+
+/// What went wrong; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MmuError {
+    OutOfMemory,
+    NoRoot(RootId),
+    /// `what` (gfn, hpa or length) is not aligned to the level's page size.
+    Unaligned {
+        what: &'static str,
+        value: u64,
+        level: u8,
+    },
+    /// The level is not one leaves may use here.
+    BadLevel {
+        level: u8,
+        max: u8,
+    },
+    /// The range lies beyond what the format translates.
+    OutOfRange {
+        gfn: u64,
+    },
+    /// A pinned leaf would be zapped.
+    PinnedZap {
+        gfn: u64,
+    },
+    /// A pinned leaf would be pointed at another frame or given other attributes.
+    PinnedRepoint {
+        gfn: u64,
+    },
+    /// A leaf of another size is in the way (split or zap first).
+    Occupied {
+        gfn: u64,
+        level: u8,
+    },
+    /// No huge leaf of that level at that address.
+    NotHuge {
+        gfn: u64,
+        level: u8,
+    },
+    /// The table cannot become one huge leaf.
+    NotCollapsible {
+        gfn: u64,
+        level: u8,
+        why: &'static str,
+    },
+}
+
+impl fmt::Display for MmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MmuError::OutOfMemory => f.write_str("out of page-table memory"),
+            MmuError::NoRoot(id) => write!(f, "no root {}", id.0),
+            MmuError::Unaligned { what, value, level } => write!(
+                f,
+                "{what} {value:#x} is not aligned to the {} KiB pages of level {level}",
+                PteFormat::level_size(*level) / 1024
+            ),
+            MmuError::BadLevel { level, max } => {
+                write!(f, "level {level} is not allowed for leaves (max {max})")
+            }
+            MmuError::OutOfRange { gfn } => {
+                write!(f, "gfn {gfn:#x} is beyond the table's reach")
+            }
+            MmuError::PinnedZap { gfn } => {
+                write!(f, "gfn {gfn:#x} is pinned for DMA and cannot be zapped")
+            }
+            MmuError::PinnedRepoint { gfn } => write!(
+                f,
+                "gfn {gfn:#x} is pinned for DMA and cannot be pointed at another frame"
+            ),
+            MmuError::Occupied { gfn, level } => write!(
+                f,
+                "gfn {gfn:#x}: a mapping of another size is in the way at level {level}"
+            ),
+            MmuError::NotHuge { gfn, level } => {
+                write!(f, "gfn {gfn:#x}: no huge leaf at level {level}")
+            }
+            MmuError::NotCollapsible { gfn, level, why } => {
+                write!(
+                    f,
+                    "gfn {gfn:#x}: cannot collapse into a level-{level} leaf: {why}"
+                )
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for MmuError {}
+
+/// A root and what it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootInfo {
+    pub id: RootId,
+    pub pa: PhysAddr,
+    /// Serves the SMM address space.
+    pub smm: bool,
+}
+
+/// What a change did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Leaf entries written (map), removed (zap) or rewritten (permissions).
+    pub entries: u64,
+    pub tables_allocated: u64,
+    pub tables_freed: u64,
+    /// A present translation changed: the IOTLB (and remote TLBs) must be flushed.
+    pub flush_needed: bool,
+}
+
+impl Outcome {
+    /// Sums two outcomes (one operation made of several changes).
+    pub fn add(&mut self, other: Outcome) {
+        self.entries += other.entries;
+        self.tables_allocated += other.tables_allocated;
+        self.tables_freed += other.tables_freed;
+        self.flush_needed |= other.flush_needed;
+    }
+}
+
+/// A request to map guest frames `[gfn, gfn + frames)` to host `hpa..` with leaves of `level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub gfn: u64,
+    pub frames: u64,
+    pub hpa: u64,
+    pub level: u8,
+    pub perms: Perms,
+    pub attrs: LeafAttrs,
+}
+
+/// A mapping as a software walk finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// First guest frame of the leaf.
+    pub gfn: u64,
+    pub level: u8,
+    /// Host physical address of the leaf's first byte.
+    pub hpa: u64,
+    pub perms: Perms,
+    pub attrs: LeafAttrs,
+}
+
+/// The shape of a root's tree, from [`TdpMmu::check_well_formed`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Table pages reachable from the root, the root included.
+    pub tables: u64,
+    /// Leaves by level (index 0 = 4 KiB).
+    pub leaves: [u64; 3],
+}
+
+/// A structural defect found by [`TdpMmu::check_well_formed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    pub gfn: u64,
+    pub level: u8,
+    pub entry: u64,
+    pub why: &'static str,
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "entry {:#x} at gfn {:#x} level {}: {}",
+            self.entry, self.gfn, self.level, self.why
+        )
+    }
+}
+
+/// The TDP MMU of one VM.
+pub struct TdpMmu<A: PageAllocator, S, C> {
+    alloc: A,
+    format: PteFormat,
+    /// Largest level leaves may use (negotiated with the IOMMU when shared).
+    max_leaf_level: u8,
+    sink: S,
+    clock: C,
+    vm: VmId,
+    source: Source,
+    roots: Vec<RootInfo>,
+    next_root: u64,
+    /// Emit a `spte_set` event per entry change (like the `kvm_tdp_mmu_spte_changed` tracepoint).
+    trace_sptes: bool,
+}
+
+impl<A: PageAllocator, S, C> fmt::Debug for TdpMmu<A, S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TdpMmu")
+            .field("format", &self.format)
+            .field("vm", &self.vm)
+            .field("roots", &self.roots)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_aligned(what: &'static str, value: u64, level: u8) -> Result<(), MmuError> {
+    if value & (PteFormat::frames(level) - 1) != 0 {
+        return Err(MmuError::Unaligned { what, value, level });
+    }
+    Ok(())
+}
+
+impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
+    pub fn new(alloc: A, format: PteFormat, sink: S, clock: C, vm: VmId) -> Self {
+        Self {
+            alloc,
+            format,
+            max_leaf_level: format.max_huge_level,
+            sink,
+            clock,
+            vm,
+            source: Source::Simulator,
+            roots: Vec::new(),
+            next_root: 1,
+            trace_sptes: false,
+        }
+    }
+
+    /// Events are stamped with `source` (the simulator's default is [`Source::Simulator`]).
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Limit leaves to `level` (the negotiated maximum when the table is shared).
+    pub fn set_max_leaf_level(&mut self, level: u8) {
+        self.max_leaf_level = level.clamp(1, self.format.max_huge_level);
+    }
+
+    pub fn max_leaf_level(&self) -> u8 {
+        self.max_leaf_level
+    }
+
+    pub fn set_trace_sptes(&mut self, on: bool) {
+        self.trace_sptes = on;
+    }
+
+    pub fn format(&self) -> PteFormat {
+        self.format
+    }
+
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    pub fn sink(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    pub fn roots(&self) -> &[RootInfo] {
+        &self.roots
+    }
+
+    pub fn root(&self, id: RootId) -> Result<RootInfo, MmuError> {
+        self.roots
+            .iter()
+            .find(|r| r.id == id)
+            .copied()
+            .ok_or(MmuError::NoRoot(id))
+    }
+
+    fn emit(&mut self, kind: EventKind) {
+        let event = Event::new(self.clock.now_ns(), self.vm, self.source, kind);
+        self.sink.emit(event);
+    }
+
+    fn trace_spte(&mut self, gfn: u64, level: u8, old: u64, new: u64) {
+        if self.trace_sptes {
+            let (old, new) = (self.format.flags(old, level), self.format.flags(new, level));
+            self.emit(EventKind::SpteSet {
+                gfn,
+                level,
+                old,
+                new,
+            });
+        }
+    }
+
+    fn root_event(&self, info: RootInfo, cause: RootCause) -> RootEvent {
+        RootEvent {
+            root: info.id.0,
+            level: self.format.levels,
+            smm: info.smm,
+            cause,
+        }
+    }
+
+    /// Allocates an empty root.
+    pub fn alloc_root(&mut self, smm: bool, cause: RootCause) -> Result<RootId, MmuError> {
+        let pa = self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let info = RootInfo {
+            id: RootId(self.next_root),
+            pa,
+            smm,
+        };
+        self.next_root += 1;
+        self.roots.push(info);
+        let ev = self.root_event(info, cause);
+        self.emit(EventKind::RootAlloc(ev));
+        Ok(info.id)
+    }
+
+    /// Frees a root and its whole tree. Pinned leaves go with it: only legal once no IOMMU
+    /// walks this root any more (the caller switched the IOMMU to another root or stopped
+    /// sharing).
+    pub fn free_root(&mut self, id: RootId, cause: RootCause) -> Result<Outcome, MmuError> {
+        let info = self.root(id)?;
+        let mut out = Outcome::default();
+        self.free_subtree(info.pa, self.format.levels, &mut out);
+        self.roots.retain(|r| r.id != id);
+        let ev = self.root_event(info, cause);
+        self.emit(EventKind::RootFree(ev));
+        Ok(out)
+    }
+
+    /// Retires the table at `pa` (at `level`) and every table below it, counting its leaves.
+    fn free_subtree(&self, pa: PhysAddr, level: u8, out: &mut Outcome) {
+        if let Some(table) = self.alloc.table(pa) {
+            for sptep in table {
+                let e = sptep.load(Ordering::Acquire);
+                if !self.format.is_present(e) {
+                    continue;
+                }
+                if self.format.is_leaf(e, level) {
+                    out.entries += 1;
+                    out.flush_needed = true;
+                } else {
+                    self.free_subtree(self.format.addr(e), level - 1, out);
+                }
+            }
+        }
+        self.alloc.free_table(pa);
+        out.tables_freed += 1;
+    }
+
+    fn walk(&self, root: PhysAddr, min_level: u8, start: u64, end: u64) -> TdpIter<'_, A> {
+        TdpIter::new(&self.alloc, self.format, root, min_level, start, end)
+    }
+
+    fn check_range(&self, gfn: u64, frames: u64) -> Result<u64, MmuError> {
+        let end = gfn
+            .checked_add(frames)
+            .ok_or(MmuError::OutOfRange { gfn })?;
+        if end > self.format.gfn_limit() {
+            return Err(MmuError::OutOfRange { gfn });
+        }
+        Ok(end)
+    }
+
+    /// Does the subtree under a table entry hold any present leaf?
+    fn subtree_has_leaves(&self, pa: PhysAddr, level: u8) -> bool {
+        let Some(table) = self.alloc.table(pa) else {
+            return false;
+        };
+        table.iter().any(|sptep| {
+            let e = sptep.load(Ordering::Acquire);
+            self.format.is_present(e)
+                && (self.format.is_leaf(e, level)
+                    || self.subtree_has_leaves(self.format.addr(e), level - 1))
+        })
+    }
+
+    /// Maps guest frames `[gfn, gfn + frames)` to host `hpa..` with leaves of `level`.
+    ///
+    /// Existing leaves of the same size are replaced unless pinned (a pinned leaf may only be
+    /// "mapped" again to exactly what it is); a huge leaf above, or smaller leaves below, are in
+    /// the way ([`MmuError::Occupied`]); an empty table where a huge leaf goes is replaced by it.
+    pub fn map(&mut self, root: RootId, mapping: &Mapping) -> Result<Outcome, MmuError> {
+        let Mapping {
+            gfn,
+            frames,
+            hpa,
+            level,
+            perms,
+            attrs,
+        } = *mapping;
+        if level == 0 || level > self.max_leaf_level {
+            return Err(MmuError::BadLevel {
+                level,
+                max: self.max_leaf_level,
+            });
+        }
+        check_aligned("gfn", gfn, level)?;
+        check_aligned("length", frames, level)?;
+        check_aligned("hpa frame", hpa >> 12, level)?;
+        if hpa & 0xfff != 0 || hpa & !self.format.addr_mask != 0 {
+            return Err(MmuError::Unaligned {
+                what: "hpa",
+                value: hpa,
+                level,
+            });
+        }
+        let end = self.check_range(gfn, frames)?;
+        let root_pa = self.root(root)?.pa;
+        let leaf_at = |g: u64| {
+            self.format
+                .leaf(hpa + ((g - gfn) << 12), level, perms, attrs)
+        };
+
+        // Check the whole request before changing anything.
+        for pos in self.walk(root_pa, level, gfn, end) {
+            if !self.format.is_present(pos.old) {
+                continue;
+            }
+            let leaf = self.format.is_leaf(pos.old, pos.level);
+            if pos.level > level && leaf {
+                return Err(MmuError::Occupied {
+                    gfn: pos.gfn,
+                    level: pos.level,
+                });
+            }
+            if pos.level == level {
+                if !leaf {
+                    if self.subtree_has_leaves(self.format.addr(pos.old), level - 1) {
+                        return Err(MmuError::Occupied {
+                            gfn: pos.gfn,
+                            level: pos.level,
+                        });
+                    }
+                } else if self.format.is_pinned(pos.old) && pos.old != leaf_at(pos.gfn) {
+                    return Err(MmuError::PinnedRepoint { gfn: pos.gfn });
+                }
+            }
+        }
+
+        let mut out = Outcome::default();
+        let mut iter = TdpIter::new(&self.alloc, self.format, root_pa, level, gfn, end);
+        let mut traces = Vec::new();
+        while let Some(pos) = iter.next() {
+            if pos.level > level {
+                if self.format.is_present(pos.old) {
+                    continue; // a table: the walk steps into it
+                }
+                let child = self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
+                out.tables_allocated += 1;
+                let table = self.alloc.table(child).ok_or(MmuError::OutOfMemory)?;
+                let span = PteFormat::frames(pos.level);
+                if pos.level == level + 1 && pos.gfn >= gfn && pos.gfn + span <= end {
+                    // The child is covered whole: build it complete, link it once, skip it.
+                    let step = PteFormat::frames(level);
+                    for (i, sptep) in table.iter().enumerate() {
+                        sptep.store(leaf_at(pos.gfn + i as u64 * step), Ordering::Relaxed);
+                    }
+                    out.entries += 512;
+                    iter.skip_children();
+                }
+                // Release: the child's entries are visible before the link.
+                pos.sptep.store(self.format.table(child), Ordering::Release);
+                continue;
+            }
+            let new = leaf_at(pos.gfn);
+            if self.format.is_present(pos.old) && !self.format.is_leaf(pos.old, pos.level) {
+                // An empty table where the huge leaf goes (checked above): replace it.
+                self.set_present(pos, new, &mut out);
+                self.free_subtree(self.format.addr(pos.old), pos.level - 1, &mut out);
+                out.entries += 1;
+                continue;
+            }
+            if pos.old == new {
+                continue;
+            }
+            if self.format.is_present(pos.old) {
+                self.set_present(pos, new, &mut out);
+            } else {
+                pos.sptep.store(new, Ordering::Release);
+            }
+            out.entries += 1;
+            if self.trace_sptes {
+                traces.push((pos.gfn, pos.level, pos.old, new));
+            }
+        }
+        for (g, l, old, new) in traces {
+            self.trace_spte(g, l, old, new);
+        }
+        Ok(out)
+    }
+
+    /// Replaces present entry `pos` by `new` with compare-and-swap, keeping A/D bits hardware
+    /// set meanwhile. Returns the value replaced.
+    fn set_present(&self, pos: IterPos<'_>, new: u64, out: &mut Outcome) -> u64 {
+        let ad = self.format.accessed | self.format.dirty;
+        let mut old = pos.old;
+        loop {
+            // Carry over A/D set by hardware since we read the entry, when the frame stays.
+            let carried = if self.format.addr(old) == self.format.addr(new) {
+                new | (old & ad)
+            } else {
+                new
+            };
+            match pos
+                .sptep
+                .compare_exchange(old, carried, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
+        }
+        out.flush_needed = true;
+        old
+    }
+
+    /// Zaps leaves covering `[gfn, gfn + frames)` (a huge leaf that overlaps goes whole);
+    /// with `tables`, page tables entirely inside the range are freed too.
+    pub fn zap(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+        tables: bool,
+    ) -> Result<Outcome, MmuError> {
+        let end = self.check_range(gfn, frames)?;
+        let root_pa = self.root(root)?.pa;
+        for pos in self.walk(root_pa, 1, gfn, end) {
+            if self.format.is_present(pos.old)
+                && self.format.is_leaf(pos.old, pos.level)
+                && self.format.is_pinned(pos.old)
+            {
+                return Err(MmuError::PinnedZap {
+                    gfn: pos.gfn.max(gfn),
+                });
+            }
+        }
+        let mut out = Outcome::default();
+        let mut traces = Vec::new();
+        let mut iter = self.walk(root_pa, 1, gfn, end);
+        while let Some(pos) = iter.next() {
+            if !self.format.is_present(pos.old) {
+                continue;
+            }
+            let leaf = self.format.is_leaf(pos.old, pos.level);
+            let inside = pos.gfn >= gfn && pos.end_gfn() <= end;
+            if leaf {
+                let old = pos.sptep.swap(0, Ordering::AcqRel);
+                out.entries += 1;
+                out.flush_needed = true;
+                if self.trace_sptes {
+                    traces.push((pos.gfn, pos.level, old));
+                }
+            } else if tables && inside {
+                pos.sptep.store(0, Ordering::Release);
+                iter.skip_children();
+                self.free_subtree(self.format.addr(pos.old), pos.level - 1, &mut out);
+                out.flush_needed = true;
+            }
+        }
+        for (g, l, old) in traces {
+            self.trace_spte(g, l, old, 0);
+        }
+        self.emit(EventKind::Zap {
+            range: GpaRange::new(gfn << 12, frames << 12),
+            tables,
+            entries: out.entries,
+        });
+        Ok(out)
+    }
+
+    /// Gives every leaf covering the range the rights `perms` (a huge leaf that overlaps changes
+    /// whole). Pinned leaves change too, non-zero → non-zero.
+    pub fn set_perms(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+        perms: Perms,
+    ) -> Result<Outcome, MmuError> {
+        self.change_leaves(root, gfn, frames, |f, e| f.with_perms(e, perms))
+    }
+
+    /// Removes write permission from every leaf covering the range (dirty logging, with IO page
+    /// faults; a device without them would fault).
+    pub fn write_protect(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+    ) -> Result<Outcome, MmuError> {
+        self.change_leaves(root, gfn, frames, |f, e| {
+            f.with_perms(e, f.perms(e).without(Perms::W))
+        })
+    }
+
+    /// Clears the dirty bit of every leaf covering the range; returns the leaves that had it.
+    pub fn clear_dirty(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+    ) -> Result<Outcome, MmuError> {
+        let dirty = self.format.dirty;
+        let end = self.check_range(gfn, frames)?;
+        let root_pa = self.root(root)?.pa;
+        let mut out = Outcome::default();
+        for pos in self.walk(root_pa, 1, gfn, end) {
+            if self.format.is_present(pos.old) && self.format.is_leaf(pos.old, pos.level) {
+                let old = pos.sptep.fetch_and(!dirty, Ordering::AcqRel);
+                if old & dirty != 0 {
+                    out.entries += 1;
+                    out.flush_needed = true;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn change_leaves(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+        change: impl Fn(&PteFormat, u64) -> u64,
+    ) -> Result<Outcome, MmuError> {
+        let end = self.check_range(gfn, frames)?;
+        let root_pa = self.root(root)?.pa;
+        let mut out = Outcome::default();
+        let mut traces = Vec::new();
+        for pos in self.walk(root_pa, 1, gfn, end) {
+            if !self.format.is_present(pos.old) || !self.format.is_leaf(pos.old, pos.level) {
+                continue;
+            }
+            let ad = self.format.accessed | self.format.dirty;
+            let new = change(&self.format, pos.old);
+            if new & !ad == pos.old & !ad {
+                continue;
+            }
+            let mut old = pos.old;
+            loop {
+                let want = change(&self.format, old);
+                match pos
+                    .sptep
+                    .compare_exchange(old, want, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => break,
+                    Err(now) => old = now,
+                }
+            }
+            out.entries += 1;
+            out.flush_needed = true;
+            if self.trace_sptes {
+                traces.push((pos.gfn, pos.level, old, change(&self.format, old)));
+            }
+        }
+        for (g, l, old, new) in traces {
+            self.trace_spte(g, l, old, new);
+        }
+        Ok(out)
+    }
+
+    /// The entry at `level` covering `gfn`.
+    fn entry_at(&self, root_pa: PhysAddr, gfn: u64, level: u8) -> Option<IterPos<'_>> {
+        self.walk(root_pa, level, gfn, gfn + 1)
+            .find(|p| p.level == level)
+    }
+
+    /// Splits the huge leaf of `level` covering `gfn` into a table of leaves one level down.
+    /// The child table is built complete, then installed with one compare-and-swap: a walker
+    /// sees either the huge leaf or the full table, never a hole.
+    pub fn split(&mut self, root: RootId, gfn: u64, level: u8) -> Result<Outcome, MmuError> {
+        if !(2..=3).contains(&level) {
+            return Err(MmuError::NotHuge { gfn, level });
+        }
+        self.check_range(gfn, 1)?;
+        let root_pa = self.root(root)?.pa;
+        let pos = self
+            .entry_at(root_pa, gfn, level)
+            .filter(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, level))
+            .ok_or(MmuError::NotHuge { gfn, level })?;
+        let child = self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let table = self.alloc.table(child).ok_or(MmuError::OutOfMemory)?;
+        let small = level - 1;
+        let step = PteFormat::level_size(small);
+        let ad = self.format.accessed | self.format.dirty;
+        let mut old = pos.old;
+        loop {
+            let base = self.format.addr(old);
+            let perms = self.format.perms(old);
+            let attrs = self.format.attrs(old);
+            for (i, sptep) in table.iter().enumerate() {
+                let e = self
+                    .format
+                    .leaf(base + i as u64 * step, small, perms, attrs)
+                    | (old & ad);
+                sptep.store(e, Ordering::Relaxed);
+            }
+            match pos.sptep.compare_exchange(
+                old,
+                self.format.table(child),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => old = now, // hardware set A/D meanwhile: rebuild with them
+            }
+        }
+        let out = Outcome {
+            entries: 512,
+            tables_allocated: 1,
+            tables_freed: 0,
+            flush_needed: true,
+        };
+        let (split_gfn, table_entry) = (pos.gfn, self.format.table(child));
+        self.trace_spte(split_gfn, level, old, table_entry);
+        self.emit(EventKind::HugePageSplit {
+            gfn: split_gfn,
+            level,
+        });
+        Ok(out)
+    }
+
+    /// Replaces the table at `level` covering `gfn` by one huge leaf, when its 512 entries are
+    /// leaves mapping one naturally aligned, contiguous host range with the same rights and
+    /// attributes. The huge leaf is installed with one compare-and-swap; A/D bits hardware set
+    /// in the children up to the switch are folded into it.
+    pub fn collapse(&mut self, root: RootId, gfn: u64, level: u8) -> Result<Outcome, MmuError> {
+        let not = |why| MmuError::NotCollapsible { gfn, level, why };
+        if !(2..=3).contains(&level) || level > self.max_leaf_level {
+            return Err(MmuError::BadLevel {
+                level,
+                max: self.max_leaf_level,
+            });
+        }
+        self.check_range(gfn, 1)?;
+        let root_pa = self.root(root)?.pa;
+        let pos = self
+            .entry_at(root_pa, gfn, level)
+            .ok_or(not("no table there"))?;
+        if !self.format.is_present(pos.old) || self.format.is_leaf(pos.old, level) {
+            return Err(not("no table there"));
+        }
+        let child = self.format.addr(pos.old);
+        let table = self.alloc.table(child).ok_or(not("no table there"))?;
+        let small = level - 1;
+        let ad = self.format.accessed | self.format.dirty;
+        let first = table[0].load(Ordering::Acquire);
+        if !self.format.is_present(first) || !self.format.is_leaf(first, small) {
+            return Err(not("an entry is not a present leaf"));
+        }
+        let base = self.format.addr(first);
+        if base & (PteFormat::level_size(level) - 1) != 0 {
+            return Err(not("the frames are not aligned to the huge page"));
+        }
+        let mut folded_ad = 0;
+        for (i, sptep) in table.iter().enumerate() {
+            let e = sptep.load(Ordering::Acquire);
+            if !self.format.is_present(e) || !self.format.is_leaf(e, small) {
+                return Err(not("an entry is not a present leaf"));
+            }
+            if self.format.addr(e) != base + i as u64 * PteFormat::level_size(small) {
+                return Err(not("the frames are not contiguous"));
+            }
+            if (e & !ad & !self.format.addr_mask) != (first & !ad & !self.format.addr_mask) {
+                return Err(not("the entries differ in rights or attributes"));
+            }
+            folded_ad |= e & ad;
+        }
+        let perms = self.format.perms(first);
+        let attrs = self.format.attrs(first);
+        let huge = self.format.leaf(base, level, perms, attrs) | folded_ad;
+        // Only hardware A/D updates can race (we are the writer): the parent entry itself is a
+        // table pointer that hardware does not change except its accessed bit.
+        let mut old = pos.old;
+        loop {
+            match pos.sptep.compare_exchange(
+                old,
+                huge | (old & self.format.accessed),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
+        }
+        // Children updated between the scan and the switch: fold their A/D in as well.
+        let late_ad = table
+            .iter()
+            .fold(0, |acc, e| acc | (e.load(Ordering::Acquire) & ad));
+        if late_ad & !folded_ad != 0 {
+            pos.sptep.fetch_or(late_ad, Ordering::AcqRel);
+        }
+        self.alloc.free_table(child);
+        let huge_gfn = pos.gfn;
+        self.trace_spte(huge_gfn, level, old, huge);
+        self.emit(EventKind::HugePageCollapse {
+            gfn: huge_gfn,
+            level,
+        });
+        Ok(Outcome {
+            entries: 1,
+            tables_allocated: 0,
+            tables_freed: 1,
+            flush_needed: true,
+        })
+    }
+
+    /// The leaf translating `gfn`, by a software walk.
+    pub fn lookup(&self, root: RootId, gfn: u64) -> Result<Option<Leaf>, MmuError> {
+        self.check_range(gfn, 1)?;
+        let root_pa = self.root(root)?.pa;
+        Ok(self
+            .walk(root_pa, 1, gfn, gfn + 1)
+            .find(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, p.level))
+            .map(|p| Leaf {
+                gfn: p.gfn,
+                level: p.level,
+                hpa: self.format.addr(p.old),
+                perms: self.format.perms(p.old),
+                attrs: self.format.attrs(p.old),
+            }))
+    }
+
+    /// Every leaf of a root, in guest address order.
+    pub fn leaves(&self, root: RootId) -> Result<Vec<Leaf>, MmuError> {
+        let root_pa = self.root(root)?.pa;
+        Ok(self
+            .walk(root_pa, 1, 0, self.format.gfn_limit())
+            .filter(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, p.level))
+            .map(|p| Leaf {
+                gfn: p.gfn,
+                level: p.level,
+                hpa: self.format.addr(p.old),
+                perms: self.format.perms(p.old),
+                attrs: self.format.attrs(p.old),
+            })
+            .collect())
+    }
+
+    /// Walks a whole root and checks its structure: tables are pages of the allocator and
+    /// reached once, leaves sit at allowed levels with aligned frames, no unknown bits are set,
+    /// non-present entries are zero.
+    pub fn check_well_formed(&self, root: RootId) -> Result<Census, Malformed> {
+        let root_pa = self
+            .root(root)
+            .map_err(|_| Malformed {
+                gfn: 0,
+                level: self.format.levels,
+                entry: 0,
+                why: "no such root",
+            })?
+            .pa;
+        let mut census = Census {
+            tables: 1,
+            ..Census::default()
+        };
+        let mut seen = alloc::collections::BTreeSet::new();
+        seen.insert(root_pa);
+        for pos in self.walk(root_pa, 1, 0, self.format.gfn_limit()) {
+            let e = pos.old;
+            let bad = |why| Malformed {
+                gfn: pos.gfn,
+                level: pos.level,
+                entry: e,
+                why,
+            };
+            if !self.format.is_present(e) {
+                if e != 0 {
+                    return Err(bad("non-present entry is not zero"));
+                }
+                continue;
+            }
+            if e & !self.format.known_bits() != 0 {
+                return Err(bad("unknown bits set"));
+            }
+            if self.format.is_leaf(e, pos.level) {
+                if pos.level > self.max_leaf_level {
+                    return Err(bad("leaf above the allowed level"));
+                }
+                if self.format.addr(e) & (PteFormat::level_size(pos.level) - 1) != 0 {
+                    return Err(bad("huge leaf frame not aligned"));
+                }
+                census.leaves[pos.level as usize - 1] += 1;
+            } else {
+                let child = self.format.addr(e);
+                if self.alloc.table(child).is_none() {
+                    return Err(bad("table entry points outside page-table memory"));
+                }
+                if !seen.insert(child) {
+                    return Err(bad("table linked twice"));
+                }
+                census.tables += 1;
+            }
+        }
+        Ok(census)
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::format::MEMTYPE_WB;
+    use crate::page_alloc::Arena;
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    const WB: LeafAttrs = LeafAttrs {
+        memtype: MEMTYPE_WB,
+        ipat: false,
+        snoop: false,
+        pinned: false,
+    };
+    const PINNED: LeafAttrs = LeafAttrs { pinned: true, ..WB };
+    const G: u64 = 0x40_0000_0000;
+
+    fn mmu(arena: &Arena) -> TdpMmu<&Arena, Vec<Event>, ManualClock> {
+        TdpMmu::new(arena, PteFormat::EPT4, Vec::new(), ManualClock::new(0), 1)
+    }
+
+    #[test]
+    fn map_lookup_and_census() {
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let out = m
+            .map(
+                r,
+                &Mapping {
+                    gfn: 0,
+                    frames: 1024,
+                    hpa: G,
+                    level: 1,
+                    perms: Perms::RW,
+                    attrs: WB,
+                },
+            )
+            .unwrap();
+        assert_eq!(out.entries, 1024);
+        assert_eq!(out.tables_allocated, 4); // PDPT, PD, two PTs
+        let leaf = m.lookup(r, 513).unwrap().unwrap();
+        assert_eq!((leaf.gfn, leaf.level, leaf.hpa), (513, 1, G + 513 * 4096));
+        let c = m.check_well_formed(r).unwrap();
+        assert_eq!(c.tables, 5);
+        assert_eq!(c.leaves, [1024, 0, 0]);
+        assert_eq!(arena.pages_in_use(), 5);
+        assert!(m.lookup(r, 1024).unwrap().is_none());
+    }
+
+    #[test]
+    fn pinned_leaves_are_never_zapped_or_repointed() {
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 512,
+                frames: 512,
+                hpa: G,
+                level: 2,
+                perms: Perms::RW,
+                attrs: PINNED,
+            },
+        )
+        .unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 0,
+                frames: 16,
+                hpa: G + (4 << 20),
+                level: 1,
+                perms: Perms::RW,
+                attrs: WB,
+            },
+        )
+        .unwrap();
+        let before = m.leaves(r).unwrap();
+        assert_eq!(
+            m.zap(r, 0, 1024, true),
+            Err(MmuError::PinnedZap { gfn: 512 })
+        );
+        assert_eq!(
+            m.map(
+                r,
+                &Mapping {
+                    gfn: 512,
+                    frames: 512,
+                    hpa: G + (2 << 20),
+                    level: 2,
+                    perms: Perms::RW,
+                    attrs: PINNED
+                }
+            ),
+            Err(MmuError::PinnedRepoint { gfn: 512 })
+        );
+        assert_eq!(
+            m.leaves(r).unwrap(),
+            before,
+            "a refused request changes nothing"
+        );
+        // Mapping it to exactly what it is, and changing rights, are fine.
+        m.map(
+            r,
+            &Mapping {
+                gfn: 512,
+                frames: 512,
+                hpa: G,
+                level: 2,
+                perms: Perms::RW,
+                attrs: PINNED,
+            },
+        )
+        .unwrap();
+        m.set_perms(r, 512, 1, Perms::RWX).unwrap();
+        assert_eq!(m.lookup(r, 700).unwrap().unwrap().perms, Perms::RWX);
+        // The unpinned range goes.
+        assert_eq!(m.zap(r, 0, 512, true).unwrap().entries, 16);
+    }
+
+    #[test]
+    fn split_then_collapse_round_trips_and_keeps_pinning() {
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 1 << 18,
+                frames: 1 << 18,
+                hpa: G,
+                level: 3,
+                perms: Perms::RW,
+                attrs: PINNED,
+            },
+        )
+        .unwrap();
+        let huge = m.leaves(r).unwrap();
+        m.split(r, (1 << 18) + 5, 3).unwrap();
+        assert_eq!(m.check_well_formed(r).unwrap().leaves, [0, 512, 0]);
+        m.split(r, (1 << 18) + 5, 2).unwrap();
+        let l = m.lookup(r, (1 << 18) + 5).unwrap().unwrap();
+        assert_eq!((l.level, l.hpa, l.attrs.pinned), (1, G + 5 * 4096, true));
+        m.collapse(r, 1 << 18, 2).unwrap();
+        m.collapse(r, 1 << 18, 3).unwrap();
+        assert_eq!(m.leaves(r).unwrap(), huge);
+        let kinds: Vec<_> = m.sink().iter().map(|e| e.kind.name()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "root_alloc",
+                "huge_page_split",
+                "huge_page_split",
+                "huge_page_collapse",
+                "huge_page_collapse"
+            ]
+        );
+        // Both child tables went back (retired) to the allocator: PML4 and PDPT remain.
+        assert_eq!(arena.pages_in_use(), 2);
+    }
+
+    #[test]
+    fn collapse_refuses_mixed_tables() {
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 0,
+                frames: 512,
+                hpa: G,
+                level: 1,
+                perms: Perms::RW,
+                attrs: WB,
+            },
+        )
+        .unwrap();
+        m.set_perms(r, 3, 1, Perms::R).unwrap();
+        let err = m.collapse(r, 0, 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "gfn 0x0: cannot collapse into a level-2 leaf: the entries differ in rights or attributes"
+        );
+        m.set_perms(r, 3, 1, Perms::RW).unwrap();
+        m.zap(r, 7, 1, false).unwrap();
+        assert!(matches!(
+            m.collapse(r, 0, 2),
+            Err(MmuError::NotCollapsible { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_leaf_replaces_an_empty_table_but_not_a_full_one() {
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 0,
+                frames: 4,
+                hpa: G,
+                level: 1,
+                perms: Perms::RW,
+                attrs: WB,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.map(
+                r,
+                &Mapping {
+                    gfn: 0,
+                    frames: 512,
+                    hpa: G,
+                    level: 2,
+                    perms: Perms::RW,
+                    attrs: WB
+                }
+            ),
+            Err(MmuError::Occupied { gfn: 0, level: 2 })
+        );
+        m.zap(r, 0, 4, false).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 0,
+                frames: 512,
+                hpa: G,
+                level: 2,
+                perms: Perms::RW,
+                attrs: WB,
+            },
+        )
+        .unwrap();
+        assert_eq!(m.check_well_formed(r).unwrap().leaves, [0, 1, 0]);
+        assert_eq!(arena.pages_in_use(), 3, "the empty PT was freed");
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let arena = Arena::new(8).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        assert_eq!(
+            m.map(
+                r,
+                &Mapping {
+                    gfn: 1,
+                    frames: 512,
+                    hpa: G,
+                    level: 2,
+                    perms: Perms::RW,
+                    attrs: WB
+                }
+            )
+            .unwrap_err()
+            .to_string(),
+            "gfn 0x1 is not aligned to the 2048 KiB pages of level 2"
+        );
+        m.set_max_leaf_level(2);
+        assert_eq!(
+            m.map(
+                r,
+                &Mapping {
+                    gfn: 0,
+                    frames: 1 << 18,
+                    hpa: G,
+                    level: 3,
+                    perms: Perms::RW,
+                    attrs: WB
+                }
+            ),
+            Err(MmuError::BadLevel { level: 3, max: 2 })
+        );
+        assert_eq!(
+            m.map(
+                r,
+                &Mapping {
+                    gfn: 1 << 36,
+                    frames: 1,
+                    hpa: G,
+                    level: 1,
+                    perms: Perms::RW,
+                    attrs: WB
+                }
+            ),
+            Err(MmuError::OutOfRange { gfn: 1 << 36 })
+        );
+        assert_eq!(
+            m.split(r, 0, 2),
+            Err(MmuError::NotHuge { gfn: 0, level: 2 })
+        );
+        assert_eq!(
+            m.zap(RootId(99), 0, 1, false),
+            Err(MmuError::NoRoot(RootId(99)))
+        );
+    }
+
+    #[test]
+    fn free_root_returns_every_page() {
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 0,
+                frames: 2048,
+                hpa: G,
+                level: 1,
+                perms: Perms::RW,
+                attrs: PINNED,
+            },
+        )
+        .unwrap();
+        let out = m.free_root(r, RootCause::Released).unwrap();
+        assert_eq!((out.entries, out.tables_freed), (2048, 7));
+        assert_eq!(arena.pages_in_use(), 0);
+        assert!(m.roots().is_empty());
+    }
+
+    #[test]
+    fn spte_tracing_reports_each_change() {
+        let arena = Arena::new(8).unwrap();
+        let mut m = mmu(&arena);
+        m.set_trace_sptes(true);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        m.map(
+            r,
+            &Mapping {
+                gfn: 0,
+                frames: 2,
+                hpa: G,
+                level: 1,
+                perms: Perms::RW,
+                attrs: WB,
+            },
+        )
+        .unwrap();
+        m.write_protect(r, 0, 1).unwrap();
+        let sets: Vec<_> = m
+            .sink()
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::SpteSet { gfn, old, new, .. } => {
+                    Some((gfn, old.to_string(), new.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sets,
+            vec![
+                (0, "---------".into(), "prw------".into()),
+                (1, "---------".into(), "prw------".into()),
+                (0, "prw------".into(), "pr-------".into()),
+            ]
+        );
+    }
+}
