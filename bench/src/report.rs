@@ -126,6 +126,7 @@ mod tests {
             EventKind::PrepopulateEnd {
                 range: GpaRange::new(0, 8 << 30),
                 page_size: PageSize::Size4K,
+                cause: tdpshare::event::PrepopCause::NewRoot,
                 entries: 2_097_152,
                 ns: 1_500_000_000,
             },

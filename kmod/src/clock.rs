@@ -6,11 +6,20 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// the simulator: [`ManualClock`], advanced by the scenario.
 pub trait Clock {
     fn now_ns(&self) -> u64;
+
+    /// Accounts for `ns` of modelled work (a cost not spent on this machine). A simulated clock
+    /// moves forward; a real one ignores it.
+    fn charge(&self, ns: u64) {
+        let _ = ns;
+    }
 }
 
 impl<C: Clock + ?Sized> Clock for &C {
     fn now_ns(&self) -> u64 {
         (**self).now_ns()
+    }
+    fn charge(&self, ns: u64) {
+        (**self).charge(ns)
     }
 }
 
@@ -33,6 +42,9 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ns(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+    fn charge(&self, ns: u64) {
+        self.advance(ns);
     }
 }
 

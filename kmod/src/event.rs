@@ -142,6 +142,29 @@ pub struct Root {
     pub cause: RootCause,
 }
 
+/// Why a range was pre-populated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum PrepopCause {
+    /// Sharing began: all pinned memory into the shared table (a full pre-population).
+    SharingStart,
+    /// A new root replaced the shared one: all pinned memory again (a full pre-population, the
+    /// seed design's dominant boot cost).
+    NewRoot,
+    /// A memslot was added while sharing: its range only.
+    MemslotAdd,
+    /// A huge page was split: its range only.
+    HugePageSplit,
+}
+
+impl PrepopCause {
+    /// Covers all pinned memory rather than one range.
+    pub const fn is_full(self) -> bool {
+        matches!(self, PrepopCause::SharingStart | PrepopCause::NewRoot)
+    }
+}
+
 /// What an IOTLB invalidation covered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
@@ -331,11 +354,14 @@ pub enum EventKind {
     PrepopulateStart {
         range: GpaRange,
         page_size: PageSize,
+        cause: PrepopCause,
     },
-    /// Pre-population of a range finished: `entries` leaf entries written in `ns`.
+    /// Pre-population of a range finished: `entries` leaf entries written in `ns`; `page_size`
+    /// is the largest leaf used.
     PrepopulateEnd {
         range: GpaRange,
         page_size: PageSize,
+        cause: PrepopCause,
         entries: u64,
         ns: u64,
     },

@@ -15,12 +15,16 @@ pub mod caps;
 pub mod clock;
 pub mod event;
 pub mod format;
+pub mod handshake;
 pub mod iommu;
 pub mod iotlb;
+pub mod mode;
 pub mod page_alloc;
+pub mod pin;
 pub mod stats;
 pub mod sync;
 pub mod tdp_iter;
 pub mod tdp_mmu;
 #[cfg(feature = "std")]
 pub mod trace;
+pub mod vm;

@@ -80,6 +80,8 @@ pub struct VmStats {
     pub last_ts_ns: u64,
     /// Completed pre-populations and the leaf entries they wrote.
     pub prepopulations: u64,
+    /// Of those, the full ones (all pinned memory: at sharing start and on every new root).
+    pub full_prepopulations: u64,
     pub prepop_entries: u64,
     pub prepop_ns: Log2Histogram,
     /// Leaf entries written by pre-population, by page size (4K, 2M, 1G).
@@ -139,11 +141,15 @@ impl VmStats {
             EventKind::PrepopulateStart { .. } => {}
             EventKind::PrepopulateEnd {
                 page_size,
+                cause,
                 entries,
                 ns,
                 ..
             } => {
                 self.prepopulations += 1;
+                if cause.is_full() {
+                    self.full_prepopulations += 1;
+                }
                 self.prepop_entries += entries;
                 self.prepop_ns.record(*ns);
                 let i = match page_size {
@@ -236,6 +242,7 @@ mod tests {
             EventKind::PrepopulateEnd {
                 range,
                 page_size: PageSize::Size2M,
+                cause: crate::event::PrepopCause::NewRoot,
                 entries: 512,
                 ns: 40,
             },
@@ -252,6 +259,7 @@ mod tests {
         assert_eq!(s.pinned_pages, 261144);
         assert_eq!(s.pinned_pages_peak, 262144);
         assert_eq!(s.prepop_entries_by_size, [0, 512, 0]);
+        assert_eq!(s.full_prepopulations, 1);
         assert_eq!(s.prepop_total_ns(), 40);
         assert_eq!(s.root_updates(), 1);
         assert_eq!(s.span_ns(), 6);

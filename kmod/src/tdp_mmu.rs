@@ -550,10 +550,34 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         frames: u64,
         tables: bool,
     ) -> Result<Outcome, MmuError> {
+        self.zap_range(root, gfn, frames, tables, false)
+    }
+
+    /// Like [`TdpMmu::zap`], but pinned leaves go too: only for a pinned range that is itself
+    /// going away (its memslot is deleted). The caller flushes the IOTLB before it unpins.
+    pub fn zap_released(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+        tables: bool,
+    ) -> Result<Outcome, MmuError> {
+        self.zap_range(root, gfn, frames, tables, true)
+    }
+
+    fn zap_range(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+        tables: bool,
+        released: bool,
+    ) -> Result<Outcome, MmuError> {
         let end = self.check_range(gfn, frames)?;
         let root_pa = self.root(root)?.pa;
         for pos in self.walk(root_pa, 1, gfn, end) {
-            if self.format.is_present(pos.old)
+            if !released
+                && self.format.is_present(pos.old)
                 && self.format.is_leaf(pos.old, pos.level)
                 && self.format.is_pinned(pos.old)
             {

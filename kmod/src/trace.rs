@@ -393,6 +393,7 @@ mod tests {
                 EventKind::PrepopulateEnd {
                     range: GpaRange::new(0, 1 << 31),
                     page_size: PageSize::Size2M,
+                    cause: crate::event::PrepopCause::SharingStart,
                     entries: 1024,
                     ns: 5000,
                 },

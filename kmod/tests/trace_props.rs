@@ -19,6 +19,15 @@ fn page_size() -> impl Strategy<Value = PageSize> {
     ]
 }
 
+fn prepop_cause() -> impl Strategy<Value = PrepopCause> {
+    prop_oneof![
+        Just(PrepopCause::SharingStart),
+        Just(PrepopCause::NewRoot),
+        Just(PrepopCause::MemslotAdd),
+        Just(PrepopCause::HugePageSplit),
+    ]
+}
+
 fn root() -> impl Strategy<Value = Root> {
     let cause = prop_oneof![
         Just(RootCause::Initial),
@@ -68,16 +77,29 @@ fn kind() -> impl Strategy<Value = EventKind> {
         Just(FlushScope::Range)
     ];
     prop_oneof![
-        (range(), page_size())
-            .prop_map(|(range, page_size)| EventKind::PrepopulateStart { range, page_size }),
-        (range(), page_size(), any::<u64>(), any::<u64>()).prop_map(
-            |(range, page_size, entries, ns)| EventKind::PrepopulateEnd {
+        (range(), page_size(), prepop_cause()).prop_map(|(range, page_size, cause)| {
+            EventKind::PrepopulateStart {
                 range,
                 page_size,
-                entries,
-                ns
+                cause,
             }
-        ),
+        }),
+        (
+            range(),
+            page_size(),
+            prepop_cause(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(range, page_size, cause, entries, ns)| EventKind::PrepopulateEnd {
+                    range,
+                    page_size,
+                    cause,
+                    entries,
+                    ns
+                }
+            ),
         root().prop_map(EventKind::RootAlloc),
         root().prop_map(EventKind::RootSwitch),
         root().prop_map(EventKind::RootFree),

@@ -1,0 +1,310 @@
+//! The VM as KVM sees it for sharing: memslots per address space, vCPUs (and which are in SMM),
+//! KVM's private slots, peer-device MMIO ranges, and the configuration the handshake checks.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::caps::KvmCaps;
+use crate::event::{GpaRange, Memslot as SlotEvent, VmId};
+
+/// KVM's private memslots: created by KVM itself, not by the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrivateKind {
+    /// The VMX APIC-access page.
+    ApicAccess,
+    /// The real-mode TSS (VMX without unrestricted guest).
+    Tss,
+    /// The identity-mapped page table for real mode (VMX without unrestricted guest).
+    IdentityMap,
+}
+
+/// Who created a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SlotKind {
+    /// The VMM's guest memory (`KVM_SET_USER_MEMORY_REGION`).
+    User,
+    Private(PrivateKind),
+}
+
+/// A memslot with its host backing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memslot {
+    pub id: u16,
+    /// 0 normal, 1 SMM.
+    pub as_id: u8,
+    pub gpa: u64,
+    pub size: u64,
+    /// `KVM_MEM_*` flags.
+    pub flags: u32,
+    /// Host physical address backing `gpa` (the backing is contiguous in the model).
+    pub hpa: u64,
+    pub kind: SlotKind,
+}
+
+impl Memslot {
+    pub fn range(&self) -> GpaRange {
+        GpaRange::new(self.gpa, self.size)
+    }
+    pub fn gfn(&self) -> u64 {
+        self.gpa >> 12
+    }
+    pub fn frames(&self) -> u64 {
+        self.size >> 12
+    }
+    pub fn readonly(&self) -> bool {
+        self.flags & SlotEvent::FLAG_READONLY != 0
+    }
+    pub fn dirty_logging(&self) -> bool {
+        self.flags & SlotEvent::FLAG_LOG_DIRTY != 0
+    }
+    pub fn guest_memfd(&self) -> bool {
+        self.flags & SlotEvent::FLAG_GUEST_MEMFD != 0
+    }
+    pub fn contains_gfn(&self, gfn: u64) -> bool {
+        gfn >= self.gfn() && gfn < self.gfn() + self.frames()
+    }
+    /// Host address of guest frame `gfn` (inside the slot).
+    pub fn hpa_of(&self, gfn: u64) -> u64 {
+        self.hpa + ((gfn - self.gfn()) << 12)
+    }
+    /// The event model's view.
+    pub fn event(&self) -> SlotEvent {
+        SlotEvent {
+            slot: self.id,
+            as_id: self.as_id,
+            gpa: self.gpa,
+            size: self.size,
+            flags: self.flags,
+        }
+    }
+}
+
+/// A peer device's MMIO range mapped into the guest (BAR), target of P2P DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioRange {
+    pub gpa: u64,
+    pub size: u64,
+    pub hpa: u64,
+}
+
+/// How the guest sees an IOMMU, if at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VIommu {
+    #[default]
+    None,
+    /// Nested translation in hardware: stage 2 is still GPA → HPA.
+    Nested,
+    /// Shadowed by the VMM: the IOMMU table translates IOVA, not GPA.
+    Shadow,
+}
+
+/// What the VM was created with; what the handshake checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmConfig {
+    /// KVM uses TDP (EPT/NPT) rather than shadow paging.
+    pub tdp: bool,
+    /// The vCPU model exposes EPT/NPT to the guest (nested virtualization).
+    pub nested_tdp_exposed: bool,
+    pub viommu: VIommu,
+    pub kvm: KvmCaps,
+    /// Host memory is backed by huge pages (THP / hugetlbfs), so KVM may map huge leaves.
+    pub huge_pages: bool,
+    /// The assigned device can take IO page faults (PRI / stall).
+    pub device_iopf: bool,
+    /// A device doing non-coherent DMA is attached.
+    pub noncoherent_dma: bool,
+}
+
+/// A vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Vcpu {
+    pub id: u32,
+    pub in_smm: bool,
+}
+
+/// A memslot request that KVM would refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotError {
+    Overlap { slot: u16, other: u16 },
+    NoSuchSlot { as_id: u8, slot: u16 },
+    Exists { as_id: u8, slot: u16 },
+    Unaligned { gpa: u64, size: u64 },
+}
+
+impl fmt::Display for SlotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlotError::Overlap { slot, other } => {
+                write!(f, "memslot {slot} overlaps memslot {other}")
+            }
+            SlotError::NoSuchSlot { as_id, slot } => {
+                write!(f, "no memslot {slot} in address space {as_id}")
+            }
+            SlotError::Exists { as_id, slot } => {
+                write!(f, "memslot {slot} already exists in address space {as_id}")
+            }
+            SlotError::Unaligned { gpa, size } => {
+                write!(
+                    f,
+                    "memslot at {gpa:#x} of {size:#x} bytes is not page-aligned"
+                )
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for SlotError {}
+
+/// The VM.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub id: VmId,
+    pub config: VmConfig,
+    slots: BTreeMap<(u8, u16), Memslot>,
+    pub vcpus: Vec<Vcpu>,
+    pub mmio: Vec<MmioRange>,
+}
+
+impl Vm {
+    pub fn new(id: VmId, config: VmConfig, vcpus: u32) -> Self {
+        Self {
+            id,
+            config,
+            slots: BTreeMap::new(),
+            vcpus: (0..vcpus).map(|id| Vcpu { id, in_smm: false }).collect(),
+            mmio: Vec::new(),
+        }
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = &Memslot> {
+        self.slots.values()
+    }
+
+    pub fn slot(&self, as_id: u8, id: u16) -> Option<&Memslot> {
+        self.slots.get(&(as_id, id))
+    }
+
+    /// The slot of address space `as_id` holding `gfn`.
+    pub fn slot_of(&self, as_id: u8, gfn: u64) -> Option<&Memslot> {
+        self.slots
+            .values()
+            .find(|s| s.as_id == as_id && s.contains_gfn(gfn))
+    }
+
+    /// Adds a slot after KVM's checks (page alignment, no overlap in its address space).
+    pub fn add_slot(&mut self, slot: Memslot) -> Result<(), SlotError> {
+        if slot.gpa & 0xfff != 0 || slot.size & 0xfff != 0 || slot.size == 0 {
+            return Err(SlotError::Unaligned {
+                gpa: slot.gpa,
+                size: slot.size,
+            });
+        }
+        if self.slots.contains_key(&(slot.as_id, slot.id)) {
+            return Err(SlotError::Exists {
+                as_id: slot.as_id,
+                slot: slot.id,
+            });
+        }
+        let end = slot.gpa + slot.size;
+        if let Some(other) = self
+            .slots
+            .values()
+            .find(|o| o.as_id == slot.as_id && o.gpa < end && slot.gpa < o.gpa + o.size)
+        {
+            return Err(SlotError::Overlap {
+                slot: slot.id,
+                other: other.id,
+            });
+        }
+        self.slots.insert((slot.as_id, slot.id), slot);
+        Ok(())
+    }
+
+    pub fn remove_slot(&mut self, as_id: u8, id: u16) -> Result<Memslot, SlotError> {
+        self.slots
+            .remove(&(as_id, id))
+            .ok_or(SlotError::NoSuchSlot { as_id, slot: id })
+    }
+
+    pub fn set_slot_flags(&mut self, as_id: u8, id: u16, flags: u32) -> Result<Memslot, SlotError> {
+        let slot = self
+            .slots
+            .get_mut(&(as_id, id))
+            .ok_or(SlotError::NoSuchSlot { as_id, slot: id })?;
+        slot.flags = flags;
+        Ok(*slot)
+    }
+
+    /// vCPUs currently in SMM.
+    pub fn vcpus_in_smm(&self) -> usize {
+        self.vcpus.iter().filter(|v| v.in_smm).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Kind;
+
+    pub(crate) fn config() -> VmConfig {
+        VmConfig {
+            tdp: true,
+            nested_tdp_exposed: false,
+            viommu: VIommu::None,
+            kvm: KvmCaps {
+                kind: Kind::Ept,
+                levels: 4,
+                max_huge_level: 3,
+            },
+            huge_pages: true,
+            device_iopf: false,
+            noncoherent_dma: false,
+        }
+    }
+
+    fn slot(id: u16, gpa: u64, size: u64) -> Memslot {
+        Memslot {
+            id,
+            as_id: 0,
+            gpa,
+            size,
+            flags: 0,
+            hpa: 0x40_0000_0000 + gpa,
+            kind: SlotKind::User,
+        }
+    }
+
+    #[test]
+    fn slots_follow_kvm_rules() {
+        let mut vm = Vm::new(1, config(), 2);
+        vm.add_slot(slot(0, 0, 0xa0000)).unwrap();
+        assert_eq!(
+            vm.add_slot(slot(1, 0x9f000, 0x2000)),
+            Err(SlotError::Overlap { slot: 1, other: 0 })
+        );
+        assert!(matches!(
+            vm.add_slot(slot(0, 0x100000, 0x1000)),
+            Err(SlotError::Exists { .. })
+        ));
+        assert!(matches!(
+            vm.add_slot(slot(2, 0x100, 0x1000)),
+            Err(SlotError::Unaligned { .. })
+        ));
+        // The same range in the SMM address space is fine.
+        vm.add_slot(Memslot {
+            as_id: 1,
+            ..slot(0, 0, 0xa0000)
+        })
+        .unwrap();
+        assert_eq!(vm.slot_of(0, 0x9f).unwrap().id, 0);
+        assert_eq!(vm.slot_of(0, 0xa0), None);
+        assert_eq!(vm.slot(0, 0).unwrap().hpa_of(5), 0x40_0000_5000);
+        vm.remove_slot(0, 0).unwrap();
+        assert_eq!(
+            vm.remove_slot(0, 0),
+            Err(SlotError::NoSuchSlot { as_id: 0, slot: 0 })
+        );
+    }
+}
