@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tdpshare::event::Source;
-use tdpshare::trace::{Header, TraceFile};
+use tdpshare::sim::Scenario;
+use tdpshare::trace::{Header, TraceFile, TraceReader};
 use tdpshare_analysis::qemu_memslots;
 
 #[derive(Debug, Parser)]
@@ -35,6 +36,17 @@ enum Command {
         /// Header `start_unix_ns` (default: now); fix it for reproducible output.
         #[arg(long)]
         start_unix_ns: Option<u64>,
+    },
+    /// Print a simulator scenario (TOML) that replays a recorded trace.
+    Scenario {
+        /// The trace (tdpshare format).
+        trace: PathBuf,
+        /// The scenario's name.
+        #[arg(long, default_value = "replay")]
+        name: String,
+        /// Replay this VM (default: the first VM in the trace).
+        #[arg(long)]
+        vm: Option<u64>,
     },
 }
 
@@ -71,6 +83,12 @@ fn main() -> anyhow::Result<()> {
                 summary.failed_calls,
                 output.display()
             );
+        }
+        Command::Scenario { trace, name, vm } => {
+            let events = TraceReader::open(&trace)?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("reading {}", trace.display()))?;
+            print!("{}", Scenario::from_events(&name, vm, &events).to_toml());
         }
     }
     Ok(())

@@ -41,6 +41,8 @@ pub struct SetUserMemory {
     pub flags: u32,
     pub gpa: u64,
     pub size: u64,
+    /// The userspace address of the slot's memory in QEMU.
+    pub ua: u64,
     pub ret: i64,
 }
 
@@ -90,6 +92,7 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<SetUserMemory>, I
         flags: 0,
         gpa: 0,
         size: 0,
+        ua: 0,
         ret: 0,
     };
     let (mut have_slot, mut have_gpa, mut have_size) = (false, false, false);
@@ -114,6 +117,8 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<SetUserMemory>, I
         } else if field.starts_with("size=") {
             call.size = hex(field, "size").ok_or_else(|| err("bad size"))?;
             have_size = true;
+        } else if field.starts_with("ua=") {
+            call.ua = hex(field, "ua").ok_or_else(|| err("bad ua"))?;
         } else if let Some(ret) = field.strip_prefix("ret=") {
             call.ret = ret.parse().map_err(|_| err("bad ret"))?;
         }
@@ -163,6 +168,7 @@ pub fn import(
             gpa: call.gpa,
             size: call.size,
             flags: call.flags,
+            ua: call.ua,
         };
         let kind = match (slots.get(&key).copied(), call.size) {
             (None, 0) => {
@@ -181,7 +187,7 @@ pub fn import(
                 summary.adds += 1;
                 EventKind::MemslotAdd(new)
             }
-            (Some(old), _) if old.gpa != new.gpa => {
+            (Some(old), _) if old.gpa != new.gpa || old.size != new.size || old.ua != new.ua => {
                 slots.insert(key, new);
                 summary.moves += 1;
                 EventKind::MemslotMove {

@@ -190,6 +190,9 @@ pub struct Memslot {
     pub size: u64,
     /// `KVM_MEM_*` flags (bit 0 dirty logging, bit 1 read-only, bit 2 guest_memfd).
     pub flags: u32,
+    /// The VMM's userspace address of the slot's memory (`userspace_addr`); the host memory
+    /// behind it, so slots re-added over the same memory can be recognised.
+    pub ua: u64,
 }
 
 impl Memslot {

@@ -13,6 +13,7 @@ extern crate alloc;
 
 pub mod caps;
 pub mod clock;
+pub mod dirty;
 pub mod event;
 pub mod format;
 pub mod handshake;
@@ -21,6 +22,10 @@ pub mod iotlb;
 pub mod mode;
 pub mod page_alloc;
 pub mod pin;
+pub mod prepopulate;
+pub mod sharing;
+#[cfg(feature = "std")]
+pub mod sim;
 pub mod stats;
 pub mod sync;
 pub mod tdp_iter;

@@ -35,9 +35,9 @@ pub trait Mode: fmt::Debug {
     fn batch_flushes(&self) -> bool;
     /// DMA may see KVM's private slot of this kind.
     fn dma_sees_private(&self, kind: PrivateKind) -> bool;
-    /// The IOMMU's table follows the vCPU-side policy (huge pages split for dirty logging and
-    /// the NX-hugepage workaround); a separate table has its own.
-    fn follows_cpu_policy(&self) -> bool;
+    /// Dirty logging splits the huge leaves of the IOMMU's table (KVM's eager split, for 4 KiB
+    /// dirty granularity). Otherwise huge leaves stay and their dirty bits are harvested whole.
+    fn split_for_dirty_logging(&self) -> bool;
 }
 
 /// The 2021 design: pin all user memory at memslot add, pre-populate every new root, notify
@@ -70,7 +70,7 @@ impl Mode for PinPrepopulate {
     fn dma_sees_private(&self, _kind: PrivateKind) -> bool {
         true
     }
-    fn follows_cpu_policy(&self) -> bool {
+    fn split_for_dirty_logging(&self) -> bool {
         true
     }
 }
@@ -105,7 +105,7 @@ impl Mode for ExportedIopf {
     fn dma_sees_private(&self, _kind: PrivateKind) -> bool {
         true
     }
-    fn follows_cpu_policy(&self) -> bool {
+    fn split_for_dirty_logging(&self) -> bool {
         true
     }
 }
@@ -141,15 +141,16 @@ impl Mode for SeparateTable {
     fn dma_sees_private(&self, kind: PrivateKind) -> bool {
         kind != PrivateKind::ApicAccess
     }
-    fn follows_cpu_policy(&self) -> bool {
+    fn split_for_dirty_logging(&self) -> bool {
         false
     }
 }
 
 /// This project's: the seed's TODOs done — a persistent shared root (a memslot deletion zaps the
 /// slot's range instead of allocating new roots, so the full pre-population happens once), huge
-/// pages wherever both sides allow (P2P MMIO included), and the IOTLB invalidations of one
-/// operation batched into one range flush.
+/// pages wherever both sides allow (P2P MMIO included, and kept through dirty logging, whose
+/// dirty bits are harvested per leaf), and the IOTLB invalidations of one operation batched into
+/// one range flush.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Optimized;
 
@@ -178,8 +179,8 @@ impl Mode for Optimized {
     fn dma_sees_private(&self, _kind: PrivateKind) -> bool {
         true
     }
-    fn follows_cpu_policy(&self) -> bool {
-        true
+    fn split_for_dirty_logging(&self) -> bool {
+        false
     }
 }
 

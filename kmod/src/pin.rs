@@ -65,6 +65,21 @@ pub trait Pinner {
     fn cost_source(&self) -> CostSource;
 }
 
+impl<P: Pinner + ?Sized> Pinner for alloc::boxed::Box<P> {
+    fn pin(&mut self, slot: &Memslot) -> Result<u64, PinError> {
+        (**self).pin(slot)
+    }
+    fn unpin(&mut self, slot: &Memslot) -> u64 {
+        (**self).unpin(slot)
+    }
+    fn pinned_pages(&self) -> u64 {
+        (**self).pinned_pages()
+    }
+    fn cost_source(&self) -> CostSource {
+        (**self).cost_source()
+    }
+}
+
 /// Per-page pinning costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PinCostModel {

@@ -645,27 +645,48 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         })
     }
 
-    /// Clears the dirty bit of every leaf covering the range; returns the leaves that had it.
+    /// Marks every leaf covering the range pinned or not (non-zero → non-zero): sharing starts
+    /// or stops holding DMA pins on it.
+    pub fn set_pinned(
+        &mut self,
+        root: RootId,
+        gfn: u64,
+        frames: u64,
+        pinned: bool,
+    ) -> Result<Outcome, MmuError> {
+        let bit = self.format.pinned;
+        self.change_leaves(
+            root,
+            gfn,
+            frames,
+            |_, e| if pinned { e | bit } else { e & !bit },
+        )
+    }
+
+    /// Clears the dirty bit of every leaf covering the range; returns the outcome and the
+    /// number of 4 KiB frames the dirty leaves cover.
     pub fn clear_dirty(
         &mut self,
         root: RootId,
         gfn: u64,
         frames: u64,
-    ) -> Result<Outcome, MmuError> {
+    ) -> Result<(Outcome, u64), MmuError> {
         let dirty = self.format.dirty;
         let end = self.check_range(gfn, frames)?;
         let root_pa = self.root(root)?.pa;
         let mut out = Outcome::default();
+        let mut dirty_frames = 0;
         for pos in self.walk(root_pa, 1, gfn, end) {
             if self.format.is_present(pos.old) && self.format.is_leaf(pos.old, pos.level) {
                 let old = pos.sptep.fetch_and(!dirty, Ordering::AcqRel);
                 if old & dirty != 0 {
                     out.entries += 1;
                     out.flush_needed = true;
+                    dirty_frames += PteFormat::frames(pos.level);
                 }
             }
         }
-        Ok(out)
+        Ok((out, dirty_frames))
     }
 
     fn change_leaves(

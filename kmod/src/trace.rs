@@ -384,6 +384,7 @@ mod tests {
                     gpa: 0,
                     size: 1 << 31,
                     flags: 0,
+                    ua: 0x7f00_0000_0000,
                 }),
             ),
             Event::new(

@@ -37,7 +37,8 @@ pub struct Memslot {
     pub size: u64,
     /// `KVM_MEM_*` flags.
     pub flags: u32,
-    /// Host physical address backing `gpa` (the backing is contiguous in the model).
+    /// Host address backing `gpa` (the backing is contiguous in the model; scenarios from VMM
+    /// traces use the VMM's userspace address).
     pub hpa: u64,
     pub kind: SlotKind,
 }
@@ -76,6 +77,7 @@ impl Memslot {
             gpa: self.gpa,
             size: self.size,
             flags: self.flags,
+            ua: self.hpa,
         }
     }
 }

@@ -52,13 +52,15 @@ fn memslot() -> impl Strategy<Value = Memslot> {
         any::<u64>(),
         any::<u64>(),
         any::<u32>(),
+        any::<u64>(),
     )
-        .prop_map(|(slot, as_id, gpa, size, flags)| Memslot {
+        .prop_map(|(slot, as_id, gpa, size, flags, ua)| Memslot {
             slot,
             as_id,
             gpa,
             size,
             flags,
+            ua,
         })
 }
 

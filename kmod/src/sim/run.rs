@@ -1,0 +1,266 @@
+//! Running a scenario in one mode.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::clock::{Clock, ManualClock, MonotonicClock};
+use crate::dirty::DirtyTracking;
+use crate::event::{Event, EventSink, ShareMode, VmId};
+use crate::format::PteFormat;
+use crate::handshake;
+use crate::iommu::{DmaWalker, IommuDomain};
+use crate::iotlb::{CostModel, Iotlb};
+use crate::mode;
+use crate::page_alloc::{Arena, PageAllocator};
+use crate::pin::{CostSource, ModelledPinner, PinCostModel, Pinner, RealMemoryPinner};
+use crate::sharing::{SharingError, SharingVm, Totals};
+use crate::sim::scenario::{Action, Scenario, Step};
+use crate::stats::VmStats;
+use crate::vm::{Memslot, MmioRange, SlotKind, Vm};
+
+/// A sink that keeps every event, shared by the engine's MMUs (cloning shares the buffer).
+#[derive(Debug, Clone, Default)]
+pub struct SharedSink(Rc<RefCell<Vec<Event>>>);
+
+impl EventSink for SharedSink {
+    fn emit(&mut self, event: Event) {
+        self.0.borrow_mut().push(event);
+    }
+}
+
+impl SharedSink {
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut self.0.borrow_mut())
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Back guest memory with a real anonymous mapping and pin with `mlock` (measured costs).
+    pub real_memory: bool,
+    /// After every step, DMA-check every pinned slot (zero faults required).
+    pub verify_dma: bool,
+    /// Override the scenario's dirty tracking.
+    pub dirty_tracking: Option<DirtyTracking>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("scenario {scenario}: {what}")]
+    Setup { scenario: String, what: String },
+    #[error("scenario {scenario}, mode {mode}, timeline step {step} at {at_us} us ({action})")]
+    Step {
+        scenario: String,
+        mode: ShareMode,
+        step: usize,
+        at_us: u64,
+        action: String,
+        #[source]
+        source: SharingError,
+    },
+}
+
+/// The result of one mode's run.
+#[derive(Debug, Clone)]
+pub struct ModeRun {
+    pub mode: ShareMode,
+    pub vm: VmId,
+    pub events: Vec<Event>,
+    pub stats: VmStats,
+    pub totals: Totals,
+    /// Page-table pages: most at once, and at the end.
+    pub table_pages_peak: u64,
+    pub table_pages_end: u64,
+    pub pinned_pages_peak: u64,
+    /// Pinned when the scenario ended (0 after a `share_stop`).
+    pub pinned_pages_end: u64,
+    pub pin_cost: CostSource,
+    /// Why sharing was refused, when it was.
+    pub refusals: Vec<String>,
+    /// Leaves of the IOMMU's table by size (4K, 2M, 1G) at the last moment sharing was on.
+    pub iommu_leaves: Option<[u64; 3]>,
+    /// Simulated duration: the last step's time plus the costs charged.
+    pub duration_ns: u64,
+}
+
+/// Table pages the arena can hold: enough for 4 KiB leaves over 64 GiB twice.
+const ARENA_PAGES: usize = 1 << 16;
+
+/// Runs `scenario` in `mode`; events carry VM id `vm`.
+pub fn run_mode(
+    scenario: &Scenario,
+    share_mode: ShareMode,
+    vm_id: VmId,
+    opts: RunOptions,
+) -> Result<ModeRun, SimError> {
+    let setup = |what: String| SimError::Setup {
+        scenario: scenario.name.clone(),
+        what,
+    };
+    let config = scenario.vm.config().map_err(setup)?;
+    let caps = scenario.iommu.caps().map_err(setup)?;
+    let mode = mode::mode(share_mode);
+    let arena =
+        Arena::new(ARENA_PAGES).ok_or_else(|| setup("cannot reserve table memory".into()))?;
+    let iotlb = Iotlb::new(scenario.iommu.iotlb_entries, CostModel::default());
+    // The IOMMU walks the negotiated format; where the handshake will refuse, KVM's own.
+    let probe = Vm::new(vm_id, config, scenario.vm.vcpus);
+    let format = handshake::check(mode, &probe, &caps).map_or_else(
+        |_| PteFormat::of(config.kvm.kind, config.kvm.levels).unwrap_or(PteFormat::EPT4),
+        |s| s.format,
+    );
+    let walker = DmaWalker {
+        format,
+        max_leaf_level: caps.max_leaf_level(),
+        set_ad: true,
+    };
+    let domain = IommuDomain::new(1, walker, &iotlb);
+    // The IOMMU's own (empty) table before sharing and after it stops.
+    let fallback = arena
+        .alloc_table()
+        .ok_or_else(|| setup("cannot allocate the fallback table".into()))?;
+    let pinner: Box<dyn Pinner> = if opts.real_memory {
+        Box::new(RealMemoryPinner::new())
+    } else {
+        Box::new(ModelledPinner::new(
+            PinCostModel::default(),
+            config.huge_pages,
+        ))
+    };
+    let pin_cost = pinner.cost_source();
+    let sink = SharedSink::default();
+    let clock = ManualClock::new(0);
+    let vm = Vm::new(vm_id, config, scenario.vm.vcpus);
+    let mut svm = SharingVm::new(
+        vm,
+        mode,
+        &arena,
+        &domain,
+        fallback,
+        pinner,
+        sink.clone(),
+        &clock,
+        MonotonicClock::new(),
+    );
+    let dirty = opts.dirty_tracking.or(scenario.sharing.dirty_tracking);
+    let mut refusals = Vec::new();
+    let mut pinned_peak = 0;
+    let mut pages_peak = 0;
+    let mut iommu_leaves = None;
+    for (i, step) in scenario.timeline.iter().enumerate() {
+        if clock.now_ns() < step.at_us * 1000 {
+            clock.set(step.at_us * 1000);
+        }
+        let result = match step.action {
+            // Stopping what a refusal never started changes nothing.
+            Action::ShareStop if !svm.is_sharing() && !refusals.is_empty() => Ok(()),
+            _ => apply(&mut svm, step, &caps, dirty),
+        };
+        match result {
+            Ok(()) => {}
+            Err(SharingError::Refused(refusal)) => refusals.push(refusal.to_string()),
+            Err(source) => {
+                return Err(SimError::Step {
+                    scenario: scenario.name.clone(),
+                    mode: share_mode,
+                    step: i + 1,
+                    at_us: step.at_us,
+                    action: describe(&step.action),
+                    source,
+                });
+            }
+        }
+        if opts.verify_dma {
+            svm.verify_pinned_dma();
+        }
+        pinned_peak = pinned_peak.max(svm.pinner().pinned_pages());
+        pages_peak = pages_peak.max(arena.pages_in_use());
+        if svm.is_sharing() {
+            iommu_leaves = svm.iommu_leaf_census();
+        }
+    }
+    let events = sink.take();
+    let mut stats = VmStats::default();
+    for e in &events {
+        stats.record(e);
+    }
+    Ok(ModeRun {
+        mode: share_mode,
+        vm: vm_id,
+        events,
+        stats,
+        totals: svm.totals,
+        table_pages_peak: pages_peak.max(arena.peak_pages()),
+        table_pages_end: arena.pages_in_use(),
+        pinned_pages_peak: pinned_peak,
+        pinned_pages_end: svm.pinner().pinned_pages(),
+        pin_cost,
+        refusals,
+        iommu_leaves,
+        duration_ns: clock.now_ns(),
+    })
+}
+
+fn describe(action: &Action) -> String {
+    let text = format!("{action:?}");
+    text.split_once(' ')
+        .map_or(text.clone(), |(name, _)| name.to_owned())
+}
+
+fn apply<A: PageAllocator, S: EventSink + Clone, C: Clock + Clone, T: Clock, P: Pinner>(
+    svm: &mut SharingVm<'_, A, S, C, T, P>,
+    step: &Step,
+    caps: &crate::caps::IommuCaps,
+    dirty: Option<DirtyTracking>,
+) -> Result<(), SharingError> {
+    match step.action {
+        Action::ShareStart => {
+            svm.request_sharing(caps)?;
+            if let Some(d) = dirty {
+                svm.set_dirty_tracking(d)?;
+            }
+            Ok(())
+        }
+        Action::ShareStop => svm.stop_sharing().map(|_| ()),
+        Action::MemslotAdd {
+            slot,
+            as_id,
+            gpa,
+            size,
+            flags,
+            hpa,
+        } => svm.add_slot(Memslot {
+            id: slot,
+            as_id,
+            gpa,
+            size,
+            flags,
+            hpa,
+            kind: SlotKind::User,
+        }),
+        Action::MemslotDelete { slot, as_id } => svm.delete_slot(as_id, slot),
+        Action::MemslotMove { slot, as_id, gpa } => svm.move_slot(as_id, slot, gpa),
+        Action::MemslotFlags { slot, as_id, flags } => svm.set_slot_flags(as_id, slot, flags),
+        Action::PrivateSlot { ref kind, gpa, hpa } => {
+            let kind = Action::private_kind(kind)
+                .ok_or(SharingError::State("unknown private slot kind"))?;
+            svm.add_private_slot(kind, gpa, hpa)
+        }
+        Action::Mmio { gpa, size, hpa } => svm.add_mmio(MmioRange { gpa, size, hpa }),
+        Action::Touch {
+            vcpu,
+            gpa,
+            size,
+            write,
+        } => svm.touch(vcpu, gpa, size, write),
+        Action::Smm { vcpu, enter } => svm.smm(vcpu, enter),
+        Action::Dma {
+            iova,
+            size,
+            write,
+            stride,
+        } => svm.dma(iova, size, write, stride),
+        Action::DirtyHarvest { slot, as_id } => svm.get_dirty_log(as_id, slot).map(|_| ()),
+    }
+}

@@ -1,0 +1,511 @@
+//! The sharing protocol end to end: whole scenarios in every mode with the DMA walker checking
+//! all along, and the mode invariants, refusals, SMM, private slots, dirty tracking, snoop.
+#![cfg(feature = "std")]
+
+use std::path::Path;
+
+use tdpshare::caps::IommuCaps;
+use tdpshare::clock::{ManualClock, MonotonicClock};
+use tdpshare::dirty::DirtyTracking;
+use tdpshare::event::{EventKind, RootCause, ShareMode};
+use tdpshare::iommu::{Access, DmaWalker, IommuDomain};
+use tdpshare::iotlb::{CostModel, Iotlb};
+use tdpshare::mode;
+use tdpshare::page_alloc::{Arena, PageAllocator};
+use tdpshare::pin::{ModelledPinner, PinCostModel, Pinner};
+use tdpshare::sharing::{SharingError, SharingVm};
+use tdpshare::sim::run::SharedSink;
+use tdpshare::sim::{Action, ModeRun, RunOptions, Scenario, run_mode};
+use tdpshare::vm::{Memslot, PrivateKind, SlotKind, Vm, VmConfig};
+
+fn boot_8g() -> Scenario {
+    Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/boot-8g.toml")).unwrap()
+}
+
+fn run(mode: ShareMode) -> ModeRun {
+    let opts = RunOptions {
+        verify_dma: true,
+        ..RunOptions::default()
+    };
+    run_mode(&boot_8g(), mode, 1, opts).unwrap()
+}
+
+#[test]
+fn boot_8g_holds_every_invariant_in_every_mode() {
+    for mode in ShareMode::ALL {
+        let r = run(mode);
+        assert!(r.refusals.is_empty(), "{mode}: {:?}", r.refusals);
+        assert_eq!(
+            r.totals.dma_wrong, 0,
+            "{mode}: DMA translated to a wrong address"
+        );
+        assert_eq!(r.totals.dma_faults, 0, "{mode}: DMA faults");
+        assert_eq!(
+            r.pinned_pages_end, 0,
+            "{mode}: stop-sharing left pinned pages"
+        );
+        if mode == ShareMode::ExportedIopf {
+            assert_eq!(r.pinned_pages_peak, 0);
+            assert!(r.totals.iopf_resolved > 0, "IOPFs are counted in IOPF mode");
+        } else {
+            // Pinning modes: every pinned page DMA-checked after every step, none faulted.
+            assert!(r.totals.verify_checked > 10_000);
+            assert_eq!(
+                r.totals.verify_faults, 0,
+                "{mode}: DMA fault on pinned memory"
+            );
+            assert_eq!(r.totals.iopf_resolved, 0);
+            assert_eq!(
+                r.pinned_pages_peak,
+                2 * 1024 * 1024 + 64,
+                "8 GiB + 256 KiB BIOS"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_2021_design_prepopulates_on_every_root_update_and_ours_once() {
+    let seed = run(ShareMode::PinPrepopulate);
+    let ours = run(ShareMode::Optimized);
+    // 12 memslot deletions in the real boot: 12 new roots, each pre-populated whole.
+    assert_eq!(seed.totals.iommu_root_updates, 12);
+    assert_eq!(seed.stats.full_prepopulations, 13);
+    assert!(ours.stats.full_prepopulations <= 2);
+    assert_eq!(ours.totals.iommu_root_updates, 0);
+    assert_eq!(ours.stats.fast_zaps, 0);
+    assert!(ours.stats.prepop_entries * 10 < seed.stats.prepop_entries);
+    assert!(ours.stats.iotlb_flushes * 10 < seed.stats.iotlb_flushes);
+    assert!(ours.table_pages_peak * 10 < seed.table_pages_peak);
+    // Huge pages kept through dirty logging and for the P2P BAR.
+    assert_eq!(ours.stats.splits, 0);
+    let [_, ours_2m, _] = ours.iommu_leaves.unwrap();
+    let [seed_4k, _, _] = seed.iommu_leaves.unwrap();
+    // 8 GiB and the 256 MiB BAR in 2 MiB leaves, but for the first 2 MiB (the PAM sub-slots).
+    assert_eq!(ours_2m, 4096 + 128 - 1);
+    assert!(
+        seed_4k >= 65_536,
+        "the 2021 design maps P2P with 4 KiB leaves: {seed_4k}"
+    );
+}
+
+#[test]
+fn the_exported_root_never_changes() {
+    let r = run(ShareMode::ExportedIopf);
+    assert_eq!(r.totals.iommu_root_updates, 0);
+    let switches = r
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::RootSwitch(_)))
+        .count();
+    assert_eq!(switches, 1, "only the initial attach");
+    assert_eq!(
+        r.stats.fast_zaps, 12,
+        "fast zaps empty the root instead of replacing it"
+    );
+}
+
+#[test]
+fn runs_are_deterministic() {
+    let names = |r: &ModeRun| r.events.iter().map(|e| e.kind.name()).collect::<Vec<_>>();
+    for mode in [ShareMode::PinPrepopulate, ShareMode::Optimized] {
+        let (a, b) = (run(mode), run(mode));
+        assert_eq!(names(&a), names(&b));
+        assert_eq!(a.stats.prepop_entries, b.stats.prepop_entries);
+        assert_eq!(a.stats.iotlb_flushes, b.stats.iotlb_flushes);
+    }
+}
+
+#[test]
+fn memslot_steps_are_the_recorded_qemu_boot() {
+    // boot-8g.toml's memslot sequence must be the one QEMU issued (fixture), in order.
+    let recorded = Scenario::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/traces/seabios-pc-8g.jsonl"),
+    )
+    .unwrap();
+    let memslots = |s: &Scenario| {
+        s.timeline
+            .iter()
+            .filter(|st| {
+                matches!(
+                    st.action,
+                    Action::MemslotAdd { .. }
+                        | Action::MemslotDelete { .. }
+                        | Action::MemslotMove { .. }
+                )
+            })
+            .map(|st| st.action.clone())
+            .collect::<Vec<_>>()
+    };
+    let boot = boot_8g();
+    assert_eq!(memslots(&boot), memslots(&recorded));
+    assert_eq!(memslots(&boot).len(), 31);
+}
+
+#[test]
+fn a_recorded_trace_replays_in_every_mode() {
+    let s = Scenario::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/traces/seabios-pc-2g.jsonl"),
+    )
+    .unwrap();
+    let opts = RunOptions {
+        verify_dma: true,
+        ..RunOptions::default()
+    };
+    for mode in [
+        ShareMode::PinPrepopulate,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ] {
+        let r = run_mode(&s, mode, 1, opts).unwrap();
+        assert_eq!(r.stats.memslot_ops, 37, "{mode}");
+        assert_eq!(r.totals.verify_faults, 0, "{mode}");
+    }
+    let seed = run_mode(&s, ShareMode::PinPrepopulate, 1, opts).unwrap();
+    assert_eq!(
+        seed.totals.iommu_root_updates, 14,
+        "one per deletion in the 2 GiB boot"
+    );
+}
+
+#[test]
+fn real_memory_pins_with_mlock_and_measures() {
+    let s = Scenario::parse(
+        Path::new("small.toml"),
+        r#"
+name = "small"
+[[timeline]]
+at_us = 0
+do = "memslot_add"
+slot = 0
+gpa = 0x0
+size = 0x2000000
+hpa = 0x7e0000000000
+[[timeline]]
+at_us = 1
+do = "share_start"
+[[timeline]]
+at_us = 2
+do = "dma"
+iova = 0x0
+size = 0x2000000
+write = true
+[[timeline]]
+at_us = 3
+do = "share_stop"
+"#,
+    )
+    .unwrap();
+    let opts = RunOptions {
+        real_memory: true,
+        verify_dma: true,
+        dirty_tracking: None,
+    };
+    match run_mode(&s, ShareMode::PinPrepopulate, 1, opts) {
+        Ok(r) => {
+            assert_eq!(r.pin_cost, tdpshare::pin::CostSource::Measured);
+            assert!(r.totals.pin_ns > 0);
+            assert_eq!(r.pinned_pages_peak, 8192);
+            assert_eq!(r.pinned_pages_end, 0);
+            assert_eq!(r.totals.verify_faults, 0);
+        }
+        Err(e) => {
+            let text = format!("{e}: {:?}", std::error::Error::source(&e));
+            assert!(text.contains("mlock"), "{text}");
+            println!("skipped: {text} (no CAP_IPC_LOCK here)");
+        }
+    }
+}
+
+// ---- the engine directly ------------------------------------------------------------------
+
+const HOST: u64 = 0x40_0000_0000;
+
+fn config() -> VmConfig {
+    let s = Scenario::parse(Path::new("d.toml"), "name = \"d\"\n").unwrap();
+    s.vm.config().unwrap()
+}
+
+fn slot(id: u16, gpa: u64, size: u64) -> Memslot {
+    Memslot {
+        id,
+        as_id: 0,
+        gpa,
+        size,
+        flags: 0,
+        hpa: HOST + gpa,
+        kind: SlotKind::User,
+    }
+}
+
+/// Builds a VM in `mode` behind a VT-d domain and hands it to `f`.
+fn with_vm<R>(
+    mode: ShareMode,
+    config: VmConfig,
+    iommu: IommuCaps,
+    f: impl FnOnce(
+        &mut SharingVm<'_, Arena, SharedSink, &ManualClock, MonotonicClock, ModelledPinner>,
+        &SharedSink,
+        &Arena,
+    ) -> R,
+) -> R {
+    let arena = Arena::new(8192).unwrap();
+    let iotlb = Iotlb::new(256, CostModel::default());
+    let format = tdpshare::format::PteFormat::of(iommu.walks[0].0, 4).unwrap();
+    let walker = DmaWalker {
+        format,
+        max_leaf_level: iommu.max_leaf_level(),
+        set_ad: true,
+    };
+    let domain = IommuDomain::new(1, walker, &iotlb);
+    let fallback = arena.alloc_table().unwrap();
+    let sink = SharedSink::default();
+    let clock = ManualClock::new(0);
+    let mut vm = SharingVm::new(
+        Vm::new(1, config, 2),
+        mode::mode(mode),
+        &arena,
+        &domain,
+        fallback,
+        ModelledPinner::new(PinCostModel::default(), true),
+        sink.clone(),
+        &clock,
+        MonotonicClock::new(),
+    );
+    f(&mut vm, &sink, &arena)
+}
+
+fn vtd() -> IommuCaps {
+    IommuCaps::vtd(&[4], true)
+}
+
+#[test]
+fn a_refusal_is_reported_as_an_event_and_changes_nothing() {
+    with_vm(ShareMode::ExportedIopf, config(), vtd(), |vm, sink, _| {
+        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        let err = vm.request_sharing(&vtd()).unwrap_err();
+        assert!(matches!(err, SharingError::Refused(_)));
+        assert!(!vm.is_sharing());
+        let events = sink.take();
+        let reason = events
+            .iter()
+            .find_map(|e| match &e.kind {
+                EventKind::SharingRefused { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(reason.contains("cannot take IO page faults"), "{reason}");
+        assert!(!vm.dma_reaches(0x1000));
+    });
+}
+
+#[test]
+fn smm_keeps_the_shared_root_alive_for_the_iommu() {
+    with_vm(ShareMode::Optimized, config(), vtd(), |vm, sink, _| {
+        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.request_sharing(&vtd()).unwrap();
+        let root = vm.cpu_root().unwrap();
+        vm.smm(0, true).unwrap();
+        vm.smm(1, true).unwrap();
+        assert_eq!(vm.cpu_root(), Some(root), "the IOMMU's root survives SMM");
+        assert_eq!(vm.verify_pinned_dma(), 0);
+        vm.dma(0, 1 << 20, true, 4096).unwrap();
+        assert_eq!(vm.totals.dma_faults, 0);
+        vm.smm(0, false).unwrap();
+        vm.smm(1, false).unwrap();
+        assert_eq!(vm.cpu_root(), Some(root));
+        // SMM got its own root, never handed to the IOMMU.
+        let events = sink.take();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::RootAlloc(r) if r.smm))
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::RootSwitch(r) if r.smm))
+        );
+    });
+    // Without sharing, KVM frees the normal root once every vCPU is in SMM.
+    with_vm(ShareMode::Optimized, config(), vtd(), |vm, sink, _| {
+        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.touch(0, 0, 4096, false).unwrap();
+        vm.smm(0, true).unwrap();
+        vm.smm(1, true).unwrap();
+        assert_eq!(vm.cpu_root(), None);
+        let freed = sink.take().iter().any(
+            |e| matches!(e.kind, EventKind::RootFree(r) if r.cause == RootCause::Smm && !r.smm),
+        );
+        assert!(freed);
+    });
+}
+
+#[test]
+fn private_slots_are_invisible_before_sharing_and_to_a_separate_table() {
+    let apic = 0xfee0_0000;
+    for mode in ShareMode::ALL {
+        let mut config = config();
+        config.device_iopf = true;
+        with_vm(mode, config, vtd(), |vm, _, _| {
+            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.add_private_slot(PrivateKind::ApicAccess, apic, 0x1234_5000)
+                .unwrap();
+            vm.add_private_slot(PrivateKind::Tss, 0xfeff_d000, 0x1234_6000)
+                .unwrap();
+            vm.touch(0, apic, 4096, false).unwrap();
+            assert!(!vm.dma_reaches(apic), "{mode}: visible before sharing");
+            assert!(
+                !vm.dma_reaches(0xfeff_d000),
+                "{mode}: TSS visible before sharing"
+            );
+            vm.request_sharing(&vtd()).unwrap();
+            vm.touch(0, apic, 4096, false).unwrap();
+            let visible = vm.dma_reaches(apic);
+            if mode == ShareMode::SeparateTable {
+                assert!(
+                    !visible,
+                    "the APIC-access page must never be visible to DMA"
+                );
+                assert!(vm.dma_reaches(0xfeff_d000), "the TSS is mirrored");
+            } else {
+                assert!(
+                    visible,
+                    "{mode}: shared table holds KVM's private page (allowed)"
+                );
+            }
+        });
+    }
+}
+
+#[test]
+fn snoop_follows_the_negotiated_capability() {
+    with_vm(ShareMode::Optimized, config(), vtd(), |vm, _, arena| {
+        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.request_sharing(&vtd()).unwrap();
+        assert!(vm.shared().unwrap().snoop);
+        let root = vm.cpu_root().unwrap();
+        let pa = vm.cpu_mmu().root(root).unwrap().pa;
+        let walker = DmaWalker {
+            format: tdpshare::format::PteFormat::EPT4,
+            max_leaf_level: 3,
+            set_ad: false,
+        };
+        let t = walker.translate(arena, pa, 0x5000, Access::Write).unwrap();
+        assert!(t.snoop, "every leaf forces snooping on VT-d");
+    });
+    let mut cfg = config();
+    cfg.kvm.kind = tdpshare::format::Kind::Npt;
+    let amd = IommuCaps::amd_v2(&[4]);
+    with_vm(ShareMode::Optimized, cfg, amd.clone(), |vm, _, _| {
+        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.request_sharing(&amd).unwrap();
+        assert!(
+            !vm.shared().unwrap().snoop,
+            "x86-64 format has no snoop bit"
+        );
+        assert_eq!(vm.verify_pinned_dma(), 0);
+    });
+}
+
+#[test]
+fn dirty_tracking_strategies() {
+    let slot1 = slot(1, 1 << 30, 64 << 20);
+    // Dirty bits: what the device wrote, per leaf; cleared by the harvest.
+    with_vm(ShareMode::PinPrepopulate, config(), vtd(), |vm, _, _| {
+        vm.add_slot(slot1).unwrap();
+        vm.request_sharing(&vtd()).unwrap();
+        vm.set_slot_flags(0, 1, 1).unwrap();
+        vm.get_dirty_log(0, 1).unwrap();
+        vm.dma(1 << 30, 16 << 12, true, 4096).unwrap();
+        assert_eq!(
+            vm.get_dirty_log(0, 1).unwrap(),
+            16,
+            "split to 4 KiB: exact pages"
+        );
+        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 0);
+        assert_eq!(vm.totals.dma_faults, 0);
+        assert_eq!(
+            vm.set_dirty_tracking(DirtyTracking::WriteProtect),
+            Err(SharingError::State(
+                "write-protection dirty logging needs IO page faults: a pinned device would fault"
+            ))
+        );
+    });
+    // Optimized keeps 2 MiB leaves: the dirty bit covers the whole leaf.
+    with_vm(ShareMode::Optimized, config(), vtd(), |vm, _, _| {
+        vm.add_slot(slot1).unwrap();
+        vm.request_sharing(&vtd()).unwrap();
+        vm.set_slot_flags(0, 1, 1).unwrap();
+        vm.get_dirty_log(0, 1).unwrap();
+        vm.dma(1 << 30, 16 << 12, true, 4096).unwrap();
+        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 512);
+    });
+    // Report all pinned: everything, every time.
+    with_vm(ShareMode::Optimized, config(), vtd(), |vm, _, _| {
+        vm.add_slot(slot1).unwrap();
+        vm.request_sharing(&vtd()).unwrap();
+        vm.set_dirty_tracking(DirtyTracking::ReportAllPinned)
+            .unwrap();
+        vm.set_slot_flags(0, 1, 1).unwrap();
+        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 16384);
+        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 16384);
+    });
+    // With IO page faults, write-protection: device writes fault, are logged, then re-protected.
+    let mut cfg = config();
+    cfg.device_iopf = true;
+    with_vm(ShareMode::ExportedIopf, cfg, vtd(), |vm, _, _| {
+        vm.add_slot(slot1).unwrap();
+        vm.request_sharing(&vtd()).unwrap();
+        vm.touch(0, 1 << 30, 64 << 20, true).unwrap();
+        vm.set_slot_flags(0, 1, 1).unwrap();
+        vm.dma(1 << 30, 8 << 12, true, 4096).unwrap();
+        vm.touch(1, (1 << 30) + (100 << 12), 4096, true).unwrap();
+        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 9);
+        vm.dma(1 << 30, 8 << 12, true, 4096).unwrap();
+        assert_eq!(
+            vm.get_dirty_log(0, 1).unwrap(),
+            8,
+            "re-protected after the harvest"
+        );
+        assert_eq!(vm.totals.dma_faults, 0);
+    });
+}
+
+#[test]
+fn stop_sharing_releases_every_pin_and_falls_back() {
+    for mode in [
+        ShareMode::PinPrepopulate,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ] {
+        with_vm(mode, config(), vtd(), |vm, sink, arena| {
+            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.request_sharing(&vtd()).unwrap();
+            vm.add_slot(slot(1, 1 << 32, 1 << 30)).unwrap();
+            assert_eq!(vm.pinner().pinned_pages(), 2 << 18);
+            let unpinned = vm.stop_sharing().unwrap();
+            assert_eq!(unpinned, 2 << 18, "{mode}");
+            assert_eq!(vm.pinner().pinned_pages(), 0);
+            assert!(
+                !vm.dma_reaches(0x1000),
+                "{mode}: the IOMMU is back on its own table"
+            );
+            assert!(sink.take().iter().any(
+                |e| matches!(e.kind, EventKind::SharingStopped { unpinned: u, .. } if u == 2 << 18)
+            ));
+            // The vCPUs' table no longer holds pins: KVM may zap it again.
+            if let Some(root) = vm.cpu_root() {
+                let leaves = vm.cpu_mmu().leaves(root).unwrap();
+                assert!(leaves.iter().all(|l| !l.attrs.pinned), "{mode}");
+            }
+            if mode == ShareMode::SeparateTable {
+                assert!(
+                    arena.pages_in_use() <= 3,
+                    "separate table freed: {}",
+                    arena.pages_in_use()
+                );
+            }
+        });
+    }
+}
