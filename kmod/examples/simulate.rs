@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run -p tdpshare --features std --example simulate -- kmod/scenarios/boot-8g.toml
-//!     [--mode MODE]... [--real-memory] [--trace OUT.jsonl] [--no-verify]
+//!     [--mode MODE]... [--real-memory] [--no-huge-pages] [--trace OUT.jsonl] [--no-verify]
 //! ```
 //! SCENARIO is a `.toml` scenario or a recorded trace (`.jsonl`), replayed.
 
@@ -18,17 +18,18 @@ struct Args {
     modes: Vec<ShareMode>,
     real_memory: bool,
     verify: bool,
+    no_huge_pages: bool,
     trace: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: simulate SCENARIO.toml|TRACE.jsonl [--mode MODE]... [--real-memory] [--trace OUT.jsonl] [--no-verify]
+const USAGE: &str = "usage: simulate SCENARIO.toml|TRACE.jsonl [--mode MODE]... [--real-memory] [--no-huge-pages] [--trace OUT.jsonl] [--no-verify]
 modes: pin_prepopulate, exported_iopf, separate_table, optimized";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut scenario = None;
     let mut modes = Vec::new();
-    let (mut real_memory, mut verify, mut trace) = (false, true, None);
+    let (mut real_memory, mut verify, mut trace, mut no_huge_pages) = (false, true, None, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--mode" => {
@@ -41,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--real-memory" => real_memory = true,
             "--no-verify" => verify = false,
+            "--no-huge-pages" => no_huge_pages = true,
             "--trace" => trace = Some(PathBuf::from(args.next().ok_or("--trace needs a file")?)),
             "-h" | "--help" => return Err(String::new()),
             _ if a.starts_with('-') => return Err(format!("unknown option {a}")),
@@ -52,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
         modes,
         real_memory,
         verify,
+        no_huge_pages,
         trace,
     })
 }
@@ -170,7 +173,7 @@ fn print_table(runs: &[ModeRun]) {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let scenario = Scenario::load(&args.scenario).map_err(|e| {
+    let mut scenario = Scenario::load(&args.scenario).map_err(|e| {
         let mut text = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
@@ -179,6 +182,10 @@ fn run() -> Result<(), String> {
         }
         text
     })?;
+    if args.no_huge_pages {
+        scenario.vm.huge_pages = false;
+        scenario.name.push_str(" (4 KiB host pages)");
+    }
     let modes = if args.modes.is_empty() {
         scenario.sharing.modes.clone()
     } else {

@@ -509,3 +509,46 @@ fn stop_sharing_releases_every_pin_and_falls_back() {
         });
     }
 }
+
+#[test]
+fn a_moved_slot_is_reachable_at_its_new_address_only() {
+    for mode in [
+        ShareMode::PinPrepopulate,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ] {
+        with_vm(mode, config(), vtd(), |vm, _, _| {
+            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.add_slot(slot(1, 1 << 31, 64 << 20)).unwrap();
+            vm.request_sharing(&vtd()).unwrap();
+            vm.move_slot(0, 1, 3 << 30).unwrap();
+            assert!(!vm.dma_reaches(1 << 31), "{mode}: old address still mapped");
+            assert!(vm.dma_reaches(3 << 30), "{mode}: new address not mapped");
+            assert_eq!(vm.verify_pinned_dma(), 0, "{mode}");
+            assert_eq!(vm.pinner().pinned_pages(), (1 << 18) + (64 << 8));
+        });
+    }
+}
+
+#[test]
+fn p2p_mmio_is_mapped_for_dma_with_huge_leaves_where_the_mode_allows() {
+    use tdpshare::vm::MmioRange;
+    for (mode, want_2m) in [(ShareMode::PinPrepopulate, 0), (ShareMode::Optimized, 128)] {
+        with_vm(mode, config(), vtd(), |vm, _, _| {
+            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.request_sharing(&vtd()).unwrap();
+            vm.add_mmio(MmioRange {
+                gpa: 0x8_0000_0000,
+                size: 256 << 20,
+                hpa: 0x38_0000_0000,
+            })
+            .unwrap();
+            vm.dma(0x8_0000_0000, 256 << 20, true, 1 << 20).unwrap();
+            assert_eq!(vm.totals.dma_faults, 0, "{mode}");
+            assert_eq!(vm.totals.dma_wrong, 0, "{mode}");
+            let [_, l2m, _] = vm.iommu_leaf_census().unwrap();
+            // The 1 GiB slot is one 1G leaf; the BAR is 2 MiB leaves or 4 KiB ones.
+            assert_eq!(l2m, want_2m, "{mode}");
+        });
+    }
+}
