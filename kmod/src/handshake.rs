@@ -147,26 +147,11 @@ pub fn check(mode: &dyn Mode, vm: &Vm, iommu: &IommuCaps) -> Result<Shared, Refu
 mod tests {
     use super::*;
     use crate::format::Kind;
-    use crate::mode::{self, ExportedIopf, Optimized, PinPrepopulate, SeparateTable};
-    use crate::vm::{Memslot, SlotKind, VmConfig};
+    use crate::mode::{self, EXPORTED_IOPF, OPTIMIZED, PIN_PREPOPULATE, SEPARATE_TABLE};
+    use crate::vm::tests::config;
+    use crate::vm::{Memslot, SlotKind};
     use alloc::string::ToString;
     use alloc::vec;
-
-    fn config() -> VmConfig {
-        VmConfig {
-            tdp: true,
-            nested_tdp_exposed: false,
-            viommu: VIommu::None,
-            kvm: KvmCaps {
-                kind: Kind::Ept,
-                levels: 4,
-                max_huge_level: 3,
-            },
-            huge_pages: true,
-            device_iopf: false,
-            noncoherent_dma: false,
-        }
-    }
 
     fn vtd() -> IommuCaps {
         IommuCaps::vtd(&[4, 5], true)
@@ -175,7 +160,7 @@ mod tests {
     #[test]
     fn a_plain_vm_can_share_in_pinning_modes() {
         let vm = Vm::new(1, config(), 1);
-        for m in [&PinPrepopulate as &dyn Mode, &SeparateTable, &Optimized] {
+        for m in [&PIN_PREPOPULATE, &SEPARATE_TABLE, &OPTIMIZED] {
             let s = check(m, &vm, &vtd()).unwrap();
             assert!(s.snoop);
         }
@@ -189,7 +174,7 @@ mod tests {
         vm.config.viommu = VIommu::Shadow;
         vm.config.noncoherent_dma = true;
         vm.config.kvm.levels = 5;
-        let err = check(&ExportedIopf, &vm, &IommuCaps::vtd(&[4], true)).unwrap_err();
+        let err = check(&EXPORTED_IOPF, &vm, &IommuCaps::vtd(&[4], true)).unwrap_err();
         assert_eq!(err.unmet.len(), 7, "{err}");
         let text = err.to_string();
         for needle in [
@@ -220,10 +205,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            check(&PinPrepopulate, &vm, &vtd()).unwrap_err().unmet,
+            check(&PIN_PREPOPULATE, &vm, &vtd()).unwrap_err().unmet,
             vec![Unmet::GuestMemfd { slot: 3 }]
         );
-        assert!(check(&ExportedIopf, &vm, &vtd()).is_ok());
+        assert!(check(&EXPORTED_IOPF, &vm, &vtd()).is_ok());
     }
 
     #[test]
@@ -241,7 +226,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.format, crate::format::PteFormat::EPT4);
-        let err = check(&Optimized, &vm, &IommuCaps::vtd(&[4], true)).unwrap_err();
+        let err = check(&OPTIMIZED, &vm, &IommuCaps::vtd(&[4], true)).unwrap_err();
         assert_eq!(err.unmet.len(), 3, "{err}");
     }
 }

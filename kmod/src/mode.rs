@@ -1,6 +1,6 @@
 //! The sharing designs, as one trait: each mode is a policy the sharing engine (`sharing`)
 //! follows, so the mechanics (pinning, pre-population, zaps, notifications) exist once and the
-//! modes differ only where the designs differ.
+//! modes differ only where the designs differ. The four designs are data ([`Policy`]).
 
 use core::fmt;
 
@@ -40,157 +40,119 @@ pub trait Mode: fmt::Debug {
     fn split_for_dirty_logging(&self) -> bool;
 }
 
-/// The 2021 design: pin all user memory at memslot add, pre-populate every new root, notify
-/// root updates, flush the IOTLB on root and content updates.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PinPrepopulate;
+/// A mode as data: the decisions of one design. Every design this project compares is one of
+/// the constants below; the trait leaves room for a design that needs code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub kind: ShareMode,
+    pub pins: bool,
+    pub shares_cpu_root: bool,
+    pub removal: Removal,
+    pub prepopulate_new_roots: bool,
+    pub huge_mmio: bool,
+    pub batch_flushes: bool,
+    /// The APIC-access page is visible to DMA (the other private pages always are).
+    pub apic_access_visible: bool,
+    pub split_for_dirty_logging: bool,
+}
 
-impl Mode for PinPrepopulate {
+impl Mode for Policy {
     fn kind(&self) -> ShareMode {
-        ShareMode::PinPrepopulate
+        self.kind
     }
     fn pins(&self) -> bool {
-        true
+        self.pins
     }
     fn shares_cpu_root(&self) -> bool {
-        true
+        self.shares_cpu_root
     }
     fn removal(&self) -> Removal {
-        Removal::FastZapAllRoots
+        self.removal
     }
     fn prepopulate_new_roots(&self) -> bool {
-        true
+        self.prepopulate_new_roots
     }
     fn huge_mmio(&self) -> bool {
-        false
+        self.huge_mmio
     }
     fn batch_flushes(&self) -> bool {
-        false
+        self.batch_flushes
     }
-    fn dma_sees_private(&self, _kind: PrivateKind) -> bool {
-        true
+    fn dma_sees_private(&self, kind: PrivateKind) -> bool {
+        kind != PrivateKind::ApicAccess || self.apic_access_visible
     }
     fn split_for_dirty_logging(&self) -> bool {
-        true
+        self.split_for_dirty_logging
     }
 }
+
+/// The 2021 design: pin all user memory at memslot add, pre-populate every new root, notify
+/// root updates, flush the IOTLB on root and content updates.
+pub const PIN_PREPOPULATE: Policy = Policy {
+    kind: ShareMode::PinPrepopulate,
+    pins: true,
+    shares_cpu_root: true,
+    removal: Removal::FastZapAllRoots,
+    prepopulate_new_roots: true,
+    huge_mmio: false,
+    batch_flushes: false,
+    apic_access_visible: true,
+    split_for_dirty_logging: true,
+};
 
 /// The 2023 RFC: no pinning, IO page faults resolved by the TDP fault path, an exported root
 /// that is never invalidated (a fast zap zaps its leaves instead).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ExportedIopf;
-
-impl Mode for ExportedIopf {
-    fn kind(&self) -> ShareMode {
-        ShareMode::ExportedIopf
-    }
-    fn pins(&self) -> bool {
-        false
-    }
-    fn shares_cpu_root(&self) -> bool {
-        true
-    }
-    fn removal(&self) -> Removal {
-        Removal::ZapAllLeaves
-    }
-    fn prepopulate_new_roots(&self) -> bool {
-        false
-    }
-    fn huge_mmio(&self) -> bool {
-        false
-    }
-    fn batch_flushes(&self) -> bool {
-        false
-    }
-    fn dma_sees_private(&self, _kind: PrivateKind) -> bool {
-        true
-    }
-    fn split_for_dirty_logging(&self) -> bool {
-        true
-    }
-}
+pub const EXPORTED_IOPF: Policy = Policy {
+    kind: ShareMode::ExportedIopf,
+    pins: false,
+    shares_cpu_root: true,
+    removal: Removal::ZapAllLeaves,
+    prepopulate_new_roots: false,
+    huge_mmio: false,
+    batch_flushes: false,
+    apic_access_visible: true,
+    split_for_dirty_logging: true,
+};
 
 /// The reviewers' alternative: KVM maintains a second table for the IOMMU with its own policy
-/// (APIC-access page invisible, no NX-hugepage splits, no zap-all on memslot delete) and
-/// mirrors content updates into it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SeparateTable;
-
-impl Mode for SeparateTable {
-    fn kind(&self) -> ShareMode {
-        ShareMode::SeparateTable
-    }
-    fn pins(&self) -> bool {
-        true
-    }
-    fn shares_cpu_root(&self) -> bool {
-        false
-    }
-    fn removal(&self) -> Removal {
-        Removal::ZapSlot
-    }
-    fn prepopulate_new_roots(&self) -> bool {
-        false
-    }
-    fn huge_mmio(&self) -> bool {
-        true
-    }
-    fn batch_flushes(&self) -> bool {
-        false
-    }
-    fn dma_sees_private(&self, kind: PrivateKind) -> bool {
-        kind != PrivateKind::ApicAccess
-    }
-    fn split_for_dirty_logging(&self) -> bool {
-        false
-    }
-}
+/// (APIC-access page invisible, no splits for the vCPUs' sake, no zap-all on memslot delete)
+/// and mirrors content updates into it.
+pub const SEPARATE_TABLE: Policy = Policy {
+    kind: ShareMode::SeparateTable,
+    pins: true,
+    shares_cpu_root: false,
+    removal: Removal::ZapSlot,
+    prepopulate_new_roots: false,
+    huge_mmio: true,
+    batch_flushes: false,
+    apic_access_visible: false,
+    split_for_dirty_logging: false,
+};
 
 /// This project's: the seed's TODOs done — a persistent shared root (a memslot deletion zaps the
 /// slot's range instead of allocating new roots, so the full pre-population happens once), huge
 /// pages wherever both sides allow (P2P MMIO included, and kept through dirty logging, whose
 /// dirty bits are harvested per leaf), and the IOTLB invalidations of one operation batched into
 /// one range flush.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Optimized;
-
-impl Mode for Optimized {
-    fn kind(&self) -> ShareMode {
-        ShareMode::Optimized
-    }
-    fn pins(&self) -> bool {
-        true
-    }
-    fn shares_cpu_root(&self) -> bool {
-        true
-    }
-    fn removal(&self) -> Removal {
-        Removal::ZapSlot
-    }
-    fn prepopulate_new_roots(&self) -> bool {
-        true
-    }
-    fn huge_mmio(&self) -> bool {
-        true
-    }
-    fn batch_flushes(&self) -> bool {
-        true
-    }
-    fn dma_sees_private(&self, _kind: PrivateKind) -> bool {
-        true
-    }
-    fn split_for_dirty_logging(&self) -> bool {
-        false
-    }
-}
+pub const OPTIMIZED: Policy = Policy {
+    kind: ShareMode::Optimized,
+    pins: true,
+    shares_cpu_root: true,
+    removal: Removal::ZapSlot,
+    prepopulate_new_roots: true,
+    huge_mmio: true,
+    batch_flushes: true,
+    apic_access_visible: true,
+    split_for_dirty_logging: false,
+};
 
 /// The mode implementing `kind`.
 pub fn mode(kind: ShareMode) -> &'static dyn Mode {
     match kind {
-        ShareMode::PinPrepopulate => &PinPrepopulate,
-        ShareMode::ExportedIopf => &ExportedIopf,
-        ShareMode::SeparateTable => &SeparateTable,
-        ShareMode::Optimized => &Optimized,
+        ShareMode::PinPrepopulate => &PIN_PREPOPULATE,
+        ShareMode::ExportedIopf => &EXPORTED_IOPF,
+        ShareMode::SeparateTable => &SEPARATE_TABLE,
+        ShareMode::Optimized => &OPTIMIZED,
     }
 }
 

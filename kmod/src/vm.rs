@@ -246,7 +246,7 @@ impl Vm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::format::Kind;
 
