@@ -8,10 +8,10 @@
 //! previous state, exactly as KVM decides it (`kvm_set_memslot`'s `enum kvm_mr_change`).
 //! Calls that failed (`ret != 0`) changed nothing and are counted, not imported.
 
-use std::collections::HashMap;
 use std::io::BufRead;
 
 use tdpshare::event::{Event, EventKind, Memslot, Source, VmId};
+use tdpshare::slot_tracker::SlotTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -102,9 +102,10 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<SetUserMemory>, I
         } else if let Some(n) = field.strip_prefix("Slot#") {
             // QEMU's slot number carries the address space in bits 16 and up.
             let raw: u32 = n.parse().map_err(|_| err("bad slot"))?;
-            call.slot = (raw & 0xffff) as u16;
-            if raw >> 16 != 0 {
-                call.as_id = (raw >> 16) as u8;
+            let (as_id, slot) = SlotTracker::split_slot_id(raw);
+            call.slot = slot;
+            if as_id != 0 {
+                call.as_id = as_id;
             }
             have_slot = true;
         } else if field.starts_with("flags=") {
@@ -136,7 +137,7 @@ pub fn import(
     vm: VmId,
     spacing_ns: u64,
 ) -> Result<(Vec<Event>, ImportSummary), ImportError> {
-    let mut slots: HashMap<(u8, u16), Memslot> = HashMap::new();
+    let mut slots = SlotTracker::default();
     let mut events = Vec::new();
     let mut summary = ImportSummary::default();
     let mut first_time = None;
@@ -161,49 +162,25 @@ pub fn import(
             }
             None => summary.calls as u64 * spacing_ns,
         };
-        let key = (call.as_id, call.slot);
-        let new = Memslot {
-            slot: call.slot,
-            as_id: call.as_id,
-            gpa: call.gpa,
-            size: call.size,
-            flags: call.flags,
-            ua: call.ua,
-        };
-        let kind = match (slots.get(&key).copied(), call.size) {
-            (None, 0) => {
-                return Err(ImportError::DeleteOfAbsentSlot {
-                    line: line_no,
-                    slot: u32::from(call.slot),
-                });
-            }
-            (Some(old), 0) => {
-                slots.remove(&key);
-                summary.deletes += 1;
-                EventKind::MemslotDelete(old)
-            }
-            (None, _) => {
-                slots.insert(key, new);
-                summary.adds += 1;
-                EventKind::MemslotAdd(new)
-            }
-            (Some(old), _) if old.gpa != new.gpa || old.size != new.size || old.ua != new.ua => {
-                slots.insert(key, new);
-                summary.moves += 1;
-                EventKind::MemslotMove {
-                    old_gpa: old.gpa,
-                    slot: new,
-                }
-            }
-            (Some(old), _) => {
-                slots.insert(key, new);
-                summary.flag_changes += 1;
-                EventKind::MemslotFlags {
-                    old_flags: old.flags,
-                    slot: new,
-                }
-            }
-        };
+        let kind = slots
+            .apply(Memslot {
+                slot: call.slot,
+                as_id: call.as_id,
+                gpa: call.gpa,
+                size: call.size,
+                flags: call.flags,
+                ua: call.ua,
+            })
+            .map_err(|e| ImportError::DeleteOfAbsentSlot {
+                line: line_no,
+                slot: u32::from(e.slot),
+            })?;
+        match kind {
+            EventKind::MemslotAdd(_) => summary.adds += 1,
+            EventKind::MemslotDelete(_) => summary.deletes += 1,
+            EventKind::MemslotMove { .. } => summary.moves += 1,
+            _ => summary.flag_changes += 1,
+        }
         events.push(Event::new(ts_ns, vm, Source::Replay, kind));
     }
     Ok((events, summary))

@@ -156,6 +156,8 @@ pub enum PrepopCause {
     MemslotAdd,
     /// A huge page was split: its range only.
     HugePageSplit,
+    /// The VMM asked for it (`KVM_PRE_FAULT_MEMORY`): its range only.
+    PreFault,
 }
 
 impl PrepopCause {
@@ -407,15 +409,18 @@ pub enum EventKind {
         gfn: u64,
         error_code: u64,
     },
-    /// The IOMMU driver mapped `size` bytes at `iova`.
+    /// `size` bytes at `iova` were mapped for DMA, taking `ns` (0 when not timed: the IOMMU
+    /// driver's tracepoint; a VFIO/iommufd map ioctl is timed and includes pinning).
     IommuMap {
         iova: u64,
         size: u64,
+        ns: u64,
     },
-    /// The IOMMU driver unmapped `size` bytes at `iova`.
+    /// `size` bytes at `iova` were unmapped, taking `ns` (0 when not timed).
     IommuUnmap {
         iova: u64,
         size: u64,
+        ns: u64,
     },
     /// An IOTLB invalidation (seed path 3); `range` is set for `FlushScope::Range`.
     IotlbFlush {

@@ -26,6 +26,7 @@ pub mod prepopulate;
 pub mod sharing;
 #[cfg(feature = "std")]
 pub mod sim;
+pub mod slot_tracker;
 pub mod stats;
 pub mod sync;
 pub mod tdp_iter;

@@ -98,6 +98,8 @@ pub struct VmStats {
     pub page_faults: u64,
     pub dma_maps: u64,
     pub dma_map_bytes: u64,
+    /// Latency of timed DMA maps (VFIO / iommufd map ioctls: pinning included).
+    pub dma_map_ns: Log2Histogram,
     pub dma_unmaps: u64,
     pub iotlb_flushes: u64,
     pub iotlb_flush_ns: Log2Histogram,
@@ -171,9 +173,12 @@ impl VmStats {
             EventKind::HugePageCollapse { .. } => self.collapses += 1,
             EventKind::SpteSet { .. } => self.spte_sets += 1,
             EventKind::PageFault { .. } => self.page_faults += 1,
-            EventKind::IommuMap { size, .. } => {
+            EventKind::IommuMap { size, ns, .. } => {
                 self.dma_maps += 1;
                 self.dma_map_bytes = self.dma_map_bytes.saturating_add(*size);
+                if *ns > 0 {
+                    self.dma_map_ns.record(*ns);
+                }
             }
             EventKind::IommuUnmap { .. } => self.dma_unmaps += 1,
             EventKind::IotlbFlush { ns, .. } => {

@@ -25,6 +25,7 @@ fn prepop_cause() -> impl Strategy<Value = PrepopCause> {
         Just(PrepopCause::NewRoot),
         Just(PrepopCause::MemslotAdd),
         Just(PrepopCause::HugePageSplit),
+        Just(PrepopCause::PreFault),
     ]
 }
 
@@ -126,8 +127,10 @@ fn kind() -> impl Strategy<Value = EventKind> {
         }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(gfn, error_code)| EventKind::PageFault { gfn, error_code }),
-        (any::<u64>(), any::<u64>()).prop_map(|(iova, size)| EventKind::IommuMap { iova, size }),
-        (any::<u64>(), any::<u64>()).prop_map(|(iova, size)| EventKind::IommuUnmap { iova, size }),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(iova, size, ns)| EventKind::IommuMap { iova, size, ns }),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(iova, size, ns)| EventKind::IommuUnmap { iova, size, ns }),
         (
             scope,
             proptest::option::of(any::<u32>()),

@@ -479,7 +479,7 @@ impl Scenario {
                     size: 4096,
                     write: error_code & 2 != 0,
                 },
-                EventKind::IommuMap { iova, size } => Action::Dma {
+                EventKind::IommuMap { iova, size, .. } => Action::Dma {
                     iova: *iova,
                     size: *size,
                     write: true,
@@ -646,6 +646,7 @@ size = 0x1000
                 EventKind::IommuMap {
                     iova: 0x1000_0000,
                     size: 0x2000,
+                    ns: 0,
                 },
             ),
             Event::new(3_500, 7, Source::Live, EventKind::MemslotDelete(slot)),
