@@ -1,7 +1,12 @@
-//! The userspace side of the eBPF probes.
+//! The userspace side of the eBPF probes: the catalog, the loader, and the decoding of records
+//! into the one event model.
 //!
 //! Rust eBPF programs get no CO-RE relocations, so they must not hard-code kernel layouts: the
-//! loader reads each tracepoint's record layout from tracefs ([`tracefs`]) at load time and
-//! hands the field offsets to the programs.
+//! programs ship raw tracepoint records, and this crate decodes them with the running kernel's
+//! tracefs formats ([`tracefs`]) and BTF ([`btf`]).
 
+pub mod btf;
+pub mod catalog;
+pub mod decode;
+pub mod loader;
 pub mod tracefs;

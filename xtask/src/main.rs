@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's own tasks.
 //!
 //! - `setup`: installs what this project needs on a fresh Debian 12 machine (idempotent: it
-//!   prints what it installs and skips what is present).
+//!   prints what it installs and skips what is present): rustfmt and clippy, the nightly
+//!   toolchain's rust-src and bpf-linker (LLVM 22) for the eBPF programs, QEMU for the live
+//!   tests.
 //! - `test`: every test (the concurrency stress test in release mode), plus the check that
 //!   keeps the kernel-side crate kernel-buildable.
 
@@ -57,6 +59,18 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 /// Rustup components of the active toolchain the checks use.
 const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 
+/// Debian packages: LLVM 22 for bpf-linker, QEMU for the live probe tests and the lab.
+const APT_PACKAGES: [&str; 2] = ["llvm-22-dev", "qemu-system-x86"];
+
+fn has_command(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn setup() -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))
         .context("rustup is needed to manage the toolchain")?;
@@ -68,6 +82,108 @@ fn setup() -> anyhow::Result<()> {
             run(Command::new("rustup").args(["component", "add", component]))?;
         }
     }
+    setup_ebpf_toolchain()?;
+    setup_apt()?;
+    setup_bpf_linker()?;
+    Ok(())
+}
+
+/// The eBPF programs build with the nightly toolchain and its rust-src; bpf-linker needs that
+/// nightly's LLVM to be 22.
+fn setup_ebpf_toolchain() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        println!("present: nightly toolchain");
+    } else {
+        println!("installing: nightly toolchain (minimal profile)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("present: nightly rust-src");
+    } else {
+        println!("installing: nightly rust-src");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .unwrap_or("?");
+    ensure!(
+        llvm.starts_with("22."),
+        "the nightly toolchain uses LLVM {llvm}; bpf-linker here is built against LLVM 22 \
+         (Debian's llvm-22-dev), so eBPF bitcode would fail with \"Invalid record\": install a \
+         nightly whose LLVM is 22"
+    );
+    println!("present: nightly with LLVM {llvm}");
+    Ok(())
+}
+
+fn setup_apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    for p in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
+        println!("present: apt package {p}");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing: apt packages {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn setup_bpf_linker() -> anyhow::Result<()> {
+    if has_command("bpf-linker", "--version") {
+        println!("present: bpf-linker");
+        return Ok(());
+    }
+    println!("installing: bpf-linker (built against Debian's LLVM 22)");
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(Command::new(env!("CARGO"))
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path))?;
     Ok(())
 }
 

@@ -1,0 +1,235 @@
+//! tdpshare's eBPF programs: one per tracepoint of the catalog, plus the ioctl pair.
+//!
+//! No kernel layout is compiled in. A tracepoint program copies the raw record into the ring
+//! buffer and userspace decodes it with the tracefs format of the running kernel; the ioctl
+//! programs read `cmd`, `arg` and `ret` at offsets the loader takes from the format files and
+//! sets as globals. Every hit is counted per VM (the VMM's tgid) and probe; ioctl latencies go
+//! into per-VM log2 histograms; a record the ring buffer cannot take is counted as a drop.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::EbpfContext;
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    bpf_probe_read_kernel_buf, bpf_probe_read_user_buf,
+};
+use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya_ebpf::programs::TracePointContext;
+use aya_log_ebpf::debug;
+use tdpshare_probes_common::{RECORD_DATA, Record, count_key, hist_key, ioctl, log2_bucket, probe};
+
+/// Only this VMM's events (0: every process). Set by the loader.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+/// Offsets of `cmd` and `arg` in `syscalls:sys_enter_ioctl`, of `ret` in `sys_exit_ioctl`.
+#[unsafe(no_mangle)]
+static IOCTL_CMD_OFFSET: u32 = 24;
+#[unsafe(no_mangle)]
+static IOCTL_ARG_OFFSET: u32 = 32;
+#[unsafe(no_mangle)]
+static IOCTL_RET_OFFSET: u32 = 16;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+/// Hits per (tgid, probe).
+#[map]
+static COUNTS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+/// ioctl latency histograms per (tgid, probe, log2 bucket).
+#[map]
+static LATENCY: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+/// Records the ring buffer could not take.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// An ioctl between its entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InFlight {
+    probe: u32,
+    _pad: u32,
+    start_ns: u64,
+    arg: [u8; RECORD_DATA],
+}
+
+#[map]
+static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(4096, 0);
+
+fn global(v: &u32) -> u32 {
+    // SAFETY: a plain read of a global the loader may have patched before load.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// The current task's (tgid, tid), or `None` when the filter rejects it.
+fn task() -> Option<(u32, u32)> {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let target = global(&TARGET_TGID);
+    (target == 0 || target == tgid).then_some((tgid, tid))
+}
+
+fn add(map: &PerCpuHashMap<u64, u64>, key: u64, n: u64) {
+    match map.get_ptr_mut(&key) {
+        // SAFETY: a per-CPU value of this CPU: no other writer while we run.
+        Some(v) => unsafe { *v += n },
+        None => {
+            let _ = map.insert(&key, &n, 0);
+        }
+    }
+}
+
+fn dropped<C: EbpfContext>(ctx: &C, probe: u32) {
+    if let Some(v) = DROPS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU value of this CPU.
+        unsafe { *v += 1 };
+    }
+    debug!(
+        ctx,
+        "tdpshare: ring buffer full, record of probe {} dropped", probe
+    );
+}
+
+fn emit<C: EbpfContext>(ctx: &C, record: &Record) {
+    if EVENTS.output::<Record>(record, 0).is_err() {
+        dropped(ctx, record.probe);
+    }
+}
+
+/// A tracepoint hit: count it and ship the raw record.
+fn hit(ctx: &TracePointContext, probe: u32) -> u32 {
+    let Some((tgid, tid)) = task() else {
+        return 0;
+    };
+    add(&COUNTS, count_key(tgid, probe), 1);
+    let mut record = Record {
+        probe,
+        tgid,
+        tid,
+        // SAFETY: a helper without preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        // SAFETY: a helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        latency_ns: 0,
+        ret: 0,
+        data: [0; RECORD_DATA],
+    };
+    // SAFETY: the tracepoint record lies at the context pointer; a short record leaves the
+    // rest as whatever follows it in the trace buffer, which userspace never decodes.
+    let _ = unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut record.data) };
+    emit(ctx, &record);
+    0
+}
+
+macro_rules! tracepoint_probe {
+    ($($name:ident => $probe:expr),* $(,)?) => {
+        $(
+            #[tracepoint]
+            pub fn $name(ctx: TracePointContext) -> u32 {
+                hit(&ctx, $probe)
+            }
+        )*
+    };
+}
+
+tracepoint_probe! {
+    kvm_mmu_get_page => probe::KVM_MMU_GET_PAGE,
+    kvm_mmu_prepare_zap_page => probe::KVM_MMU_PREPARE_ZAP_PAGE,
+    kvm_mmu_zap_all_fast => probe::KVM_MMU_ZAP_ALL_FAST,
+    kvm_mmu_split_huge_page => probe::KVM_MMU_SPLIT_HUGE_PAGE,
+    kvm_mmu_set_spte => probe::KVM_MMU_SET_SPTE,
+    kvm_tdp_mmu_spte_changed => probe::KVM_TDP_MMU_SPTE_CHANGED,
+    kvm_page_fault => probe::KVM_PAGE_FAULT,
+    iommu_map => probe::IOMMU_MAP,
+    iommu_unmap => probe::IOMMU_UNMAP,
+    iommu_io_page_fault => probe::IOMMU_IO_PAGE_FAULT,
+    intel_qi_submit => probe::INTEL_QI_SUBMIT,
+    intel_cache_tag_flush_range => probe::INTEL_CACHE_TAG_FLUSH_RANGE,
+    intel_cache_tag_flush_range_np => probe::INTEL_CACHE_TAG_FLUSH_RANGE_NP,
+    tdpshare_prepopulate => probe::TDPSHARE_PREPOPULATE,
+    tdpshare_root_update => probe::TDPSHARE_ROOT_UPDATE,
+    tdpshare_iotlb_flush => probe::TDPSHARE_IOTLB_FLUSH,
+}
+
+/// `syscalls:sys_enter_ioctl`: remember a watched command and its argument struct.
+#[tracepoint]
+pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offset comes from the running kernel's format file.
+    let cmd: u32 = match unsafe { ctx.read_at::<u64>(global(&IOCTL_CMD_OFFSET) as usize) } {
+        Ok(c) => c as u32,
+        Err(_) => return 0,
+    };
+    let Some(probe) = ioctl::probe_of(cmd) else {
+        return 0;
+    };
+    let Some((_, tid)) = task() else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let arg: u64 = match unsafe { ctx.read_at::<u64>(global(&IOCTL_ARG_OFFSET) as usize) } {
+        Ok(a) => a,
+        Err(_) => return 0,
+    };
+    let mut flight = InFlight {
+        probe,
+        _pad: 0,
+        // SAFETY: a helper without preconditions.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        arg: [0; RECORD_DATA],
+    };
+    // The argument structs watched are at most 40 bytes; read 40, or 32 if that crosses into
+    // an unmapped page.
+    // SAFETY: `arg` is a user pointer; a failed read leaves zeros.
+    unsafe {
+        if bpf_probe_read_user_buf(arg as *const u8, &mut flight.arg[..40]).is_err() {
+            let _ = bpf_probe_read_user_buf(arg as *const u8, &mut flight.arg[..32]);
+        }
+    }
+    let _ = IN_FLIGHT.insert(&tid, &flight, 0);
+    0
+}
+
+/// `syscalls:sys_exit_ioctl`: a watched command finished — its latency and result.
+#[tracepoint]
+pub fn sys_exit_ioctl(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // SAFETY: a lookup of this task's own entry, copied out before it is removed.
+    let Some(flight) = (unsafe { IN_FLIGHT.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = IN_FLIGHT.remove(&tid);
+    // SAFETY: the offset comes from the running kernel's format file.
+    let ret: i64 = unsafe { ctx.read_at::<i64>(global(&IOCTL_RET_OFFSET) as usize) }.unwrap_or(0);
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let latency = now.saturating_sub(flight.start_ns);
+    add(&COUNTS, count_key(tgid, flight.probe), 1);
+    add(
+        &LATENCY,
+        hist_key(tgid, flight.probe, log2_bucket(latency)),
+        1,
+    );
+    let record = Record {
+        probe: flight.probe,
+        tgid,
+        tid,
+        // SAFETY: a helper without preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: flight.start_ns,
+        latency_ns: latency,
+        ret,
+        data: flight.arg,
+    };
+    emit(&ctx, &record);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

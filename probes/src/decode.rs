@@ -1,0 +1,673 @@
+//! Ring-buffer records → the one event model.
+//!
+//! Tracepoint records are decoded field by field, by name, with the running kernel's format
+//! files; ioctl records carry the command's argument struct (a stable UAPI layout).
+
+use std::collections::HashMap;
+
+use tdpshare::event::{
+    Event, EventKind, FlushScope, GpaRange, Memslot, PageSize, PrepopCause, Root, RootCause,
+    Source, SpteFlags,
+};
+use tdpshare::format::PteFormat;
+use tdpshare::slot_tracker::SlotTracker;
+use tdpshare_probes_common::{RECORD_DATA, RECORD_SIZE, Record, probe};
+
+use crate::btf::RoleLayout;
+use crate::tracefs::Format;
+
+/// Parses a ring-buffer entry; `None` if it is not a whole record.
+pub fn parse_record(bytes: &[u8]) -> Option<Record> {
+    if bytes.len() < RECORD_SIZE {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
+    let mut data = [0; RECORD_DATA];
+    data.copy_from_slice(&bytes[40..40 + RECORD_DATA]);
+    Some(Record {
+        probe: u32_at(0),
+        tgid: u32_at(4),
+        tid: u32_at(8),
+        cpu: u32_at(12),
+        ts_ns: u64_at(16),
+        latency_ns: u64_at(24),
+        ret: u64_at(32) as i64,
+        data,
+    })
+}
+
+/// Encodes a record as the eBPF side lays it out (for tests and replays of raw captures).
+pub fn encode_record(r: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RECORD_SIZE);
+    for w in [r.probe, r.tgid, r.tid, r.cpu] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    for w in [r.ts_ns, r.latency_ns, r.ret as u64] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.extend_from_slice(&r.data);
+    out
+}
+
+fn le_u32(d: &[u8], o: usize) -> u64 {
+    u64::from(u32::from_le_bytes(d[o..o + 4].try_into().unwrap_or([0; 4])))
+}
+
+fn le_u64(d: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(d[o..o + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Turns records into events.
+#[derive(Debug)]
+pub struct Decoder {
+    formats: HashMap<u32, Format>,
+    role: RoleLayout,
+    /// The host's TDP entry format (EPT on Intel, NPT on AMD), for `spte` fields.
+    spte: PteFormat,
+    /// CLOCK_MONOTONIC at the trace's start: event times are relative to it.
+    start_mono_ns: u64,
+    slots: HashMap<u32, SlotTracker>,
+    roots: HashMap<u32, u64>,
+    /// The root level seen for each VM (4 or 5) once a root of that level appeared.
+    vm_root_levels: HashMap<u32, u8>,
+    /// Records that could not be decoded (a field missing from the format, a bad memslot call).
+    pub undecodable: u64,
+    /// Records decoded into no event on purpose (failed ioctls, non-root page allocations,
+    /// invalidation descriptors other than the IOTLB's).
+    pub uneventful: u64,
+}
+
+impl Decoder {
+    pub fn new(
+        formats: HashMap<u32, Format>,
+        role: RoleLayout,
+        spte: PteFormat,
+        start_mono_ns: u64,
+    ) -> Self {
+        Self {
+            formats,
+            role,
+            spte,
+            start_mono_ns,
+            slots: HashMap::new(),
+            roots: HashMap::new(),
+            vm_root_levels: HashMap::new(),
+            undecodable: 0,
+            uneventful: 0,
+        }
+    }
+
+    /// EPT on Intel hosts, NPT on AMD ones.
+    pub fn host_spte_format() -> PteFormat {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if cpuinfo.contains("AuthenticAMD") || cpuinfo.contains("HygonGenuine") {
+            PteFormat::NPT4
+        } else {
+            PteFormat::EPT4
+        }
+    }
+
+    fn field(&self, r: &Record, name: &str) -> Option<u64> {
+        self.formats.get(&r.probe)?.read_u64(&r.data, name).ok()?
+    }
+
+    /// The events of one record (none, one, or two for a DMA map that also pins).
+    pub fn decode(&mut self, r: &Record) -> Vec<Event> {
+        let kinds = match self.kinds(r) {
+            Ok(k) => k,
+            Err(()) => {
+                self.undecodable += 1;
+                return Vec::new();
+            }
+        };
+        if kinds.is_empty() {
+            self.uneventful += 1;
+        }
+        let ts = r.ts_ns.saturating_sub(self.start_mono_ns);
+        kinds
+            .into_iter()
+            .map(|(kind, vcpu)| Event {
+                ts_ns: ts,
+                vm: u64::from(r.tgid),
+                vcpu,
+                source: Source::Live,
+                kind,
+            })
+            .collect()
+    }
+
+    /// Whether a shadow page of `role` at `gfn` is (the first page of) a root, and the root's
+    /// level. KVM traces every shadow page but says nothing of roots, so: a page at level 4 or
+    /// 5 is a root (TDP traces only roots; the shadow MMU's children are below their root);
+    /// with no such root in the VM, the four direct level-2 pages at 1 GiB-aligned gfns are a
+    /// PAE root set (a non-paging or PAE guest), reported once, at its first page, as level 3.
+    /// Non-direct PAE roots (shadowing a PAE guest's tables) cannot be told from their children
+    /// here: they are counted, not reported.
+    fn root_level(&mut self, tgid: u32, gfn: u64, role: u32) -> Option<u8> {
+        let level = self.role.level(role);
+        if level >= 4 {
+            self.vm_root_levels.insert(tgid, level);
+            return Some(level);
+        }
+        (self.is_pae_root_page(tgid, gfn, role) && gfn == 0).then_some(3)
+    }
+
+    fn is_pae_root_page(&self, tgid: u32, gfn: u64, role: u32) -> bool {
+        self.role.level(role) == 2
+            && self.role.direct(role)
+            && gfn & ((1 << 18) - 1) == 0
+            && gfn < 4 << 18
+            && self.vm_root_levels.get(&tgid).is_none_or(|&l| l < 4)
+    }
+
+    fn next_root(&mut self, tgid: u32) -> u64 {
+        let n = self.roots.entry(tgid).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn kinds(&mut self, r: &Record) -> Result<Vec<(EventKind, Option<u32>)>, ()> {
+        let f = |name: &str| self.field(r, name).ok_or(());
+        let one = |k: EventKind| Ok(vec![(k, None)]);
+        match r.probe {
+            probe::KVM_MMU_GET_PAGE => {
+                let (gfn, role, created) = (f("gfn")?, f("role")? as u32, f("created")? != 0);
+                if !created || self.role.invalid(role) {
+                    return Ok(vec![]);
+                }
+                let Some(level) = self.root_level(r.tgid, gfn, role) else {
+                    return Ok(vec![]);
+                };
+                let smm = self.role.smm(role);
+                let root = self.next_root(r.tgid);
+                one(EventKind::RootAlloc(Root {
+                    root,
+                    level,
+                    smm,
+                    cause: RootCause::Unknown,
+                }))
+            }
+            probe::KVM_MMU_PREPARE_ZAP_PAGE => {
+                let (gfn, role) = (f("gfn")?, f("role")? as u32);
+                if let Some(level) = self.root_level(r.tgid, gfn, role) {
+                    return one(EventKind::RootFree(Root {
+                        root: 0,
+                        level,
+                        smm: self.role.smm(role),
+                        cause: RootCause::Unknown,
+                    }));
+                }
+                if self.is_pae_root_page(r.tgid, gfn, role) {
+                    return Ok(vec![]); // the other three pages of a PAE root set
+                }
+                let size = PteFormat::level_size(self.role.level(role).max(1));
+                one(EventKind::Zap {
+                    range: GpaRange::new((gfn << 12) & !(size - 1), size),
+                    tables: true,
+                    entries: 1,
+                })
+            }
+            probe::KVM_MMU_ZAP_ALL_FAST => one(EventKind::FastZap {
+                generation: f("mmu_valid_gen")?,
+                pages: f("mmu_used_pages")?,
+            }),
+            probe::KVM_MMU_SPLIT_HUGE_PAGE => one(EventKind::HugePageSplit {
+                gfn: f("gfn")?,
+                level: f("level")? as u8,
+            }),
+            probe::KVM_MMU_SET_SPTE => {
+                let level = f("level")? as u8;
+                one(EventKind::SpteSet {
+                    gfn: f("gfn")?,
+                    level,
+                    old: SpteFlags::empty(),
+                    new: self.spte.flags(f("spte")?, level),
+                })
+            }
+            probe::KVM_TDP_MMU_SPTE_CHANGED => {
+                let level = f("level")? as u8;
+                one(EventKind::SpteSet {
+                    gfn: f("gfn")?,
+                    level,
+                    old: self.spte.flags(f("old_spte")?, level),
+                    new: self.spte.flags(f("new_spte")?, level),
+                })
+            }
+            probe::KVM_PAGE_FAULT => Ok(vec![(
+                EventKind::PageFault {
+                    gfn: f("fault_address")? >> 12,
+                    error_code: f("error_code")?,
+                },
+                Some(f("vcpu_id")? as u32),
+            )]),
+            probe::IOMMU_MAP => one(EventKind::IommuMap {
+                iova: f("iova")?,
+                size: f("size")?,
+                ns: 0,
+            }),
+            probe::IOMMU_UNMAP => one(EventKind::IommuUnmap {
+                iova: f("iova")?,
+                size: f("unmapped_size").or_else(|_| f("size"))?,
+                ns: 0,
+            }),
+            probe::IOMMU_IO_PAGE_FAULT => one(EventKind::IoPageFault {
+                iova: f("iova")?,
+                // IOMMU_FAULT_WRITE
+                write: f("flags")? & 0x1 != 0,
+                resolved: false,
+            }),
+            probe::INTEL_QI_SUBMIT => {
+                let (qw0, qw1) = (f("qw0")?, f("qw1")?);
+                // VT-d queued-invalidation descriptors: type 2 is an IOTLB invalidation,
+                // granularity in bits 4-5, domain in 16-31; PSI address and mask in qw1.
+                if qw0 & 0xf != 2 {
+                    return Ok(vec![]);
+                }
+                let domain = Some(((qw0 >> 16) & 0xffff) as u32);
+                let (scope, range) = match (qw0 >> 4) & 0x3 {
+                    1 => (FlushScope::All, None),
+                    2 => (FlushScope::Domain, None),
+                    _ => (
+                        FlushScope::Range,
+                        Some(GpaRange::new(qw1 & !0xfff, 4096 << (qw1 & 0x3f))),
+                    ),
+                };
+                one(EventKind::IotlbFlush {
+                    scope,
+                    domain: if scope == FlushScope::All {
+                        None
+                    } else {
+                        domain
+                    },
+                    range,
+                    ns: 0,
+                })
+            }
+            probe::INTEL_CACHE_TAG_FLUSH_RANGE | probe::INTEL_CACHE_TAG_FLUSH_RANGE_NP => {
+                let (start, end) = (f("start")?, f("end")?);
+                one(EventKind::IotlbFlush {
+                    scope: FlushScope::Range,
+                    domain: f("domain_id").ok().map(|d| d as u32),
+                    range: Some(GpaRange::new(start, end.saturating_sub(start) + 1)),
+                    ns: 0,
+                })
+            }
+            probe::TDPSHARE_PREPOPULATE => {
+                let (start, end) = (f("gfn_start")?, f("gfn_end")?);
+                one(EventKind::PrepopulateEnd {
+                    range: GpaRange::new(start << 12, (end - start.min(end)) << 12),
+                    page_size: PageSize::from_level(f("level")? as u8).unwrap_or(PageSize::Size4K),
+                    cause: PrepopCause::NewRoot,
+                    entries: f("entries")?,
+                    ns: f("ns")?,
+                })
+            }
+            probe::TDPSHARE_ROOT_UPDATE => one(EventKind::RootSwitch(Root {
+                root: f("root")?,
+                level: f("level")? as u8,
+                smm: f("as_id").unwrap_or(0) != 0,
+                cause: RootCause::Unknown,
+            })),
+            probe::TDPSHARE_IOTLB_FLUSH => {
+                let size = f("size")?;
+                one(EventKind::IotlbFlush {
+                    scope: if size == 0 {
+                        FlushScope::Domain
+                    } else {
+                        FlushScope::Range
+                    },
+                    domain: None,
+                    range: (size != 0).then(|| GpaRange::new(f("start").unwrap_or(0), size)),
+                    ns: f("ns")?,
+                })
+            }
+            id @ probe::IOCTL_SET_USER_MEMORY_REGION..=probe::IOCTL_IOAS_UNMAP => self
+                .ioctl(id, r)
+                .map(|v| v.into_iter().map(|k| (k, None)).collect()),
+            _ => Err(()),
+        }
+    }
+
+    fn ioctl(&mut self, id: u32, r: &Record) -> Result<Vec<EventKind>, ()> {
+        if r.ret != 0 {
+            return Ok(vec![]); // refused: nothing changed
+        }
+        let d = &r.data;
+        let ns = r.latency_ns;
+        let pin = |iova: u64, size: u64| EventKind::Pin {
+            range: GpaRange::new(iova, size),
+            pages: GpaRange::new(iova, size).pages_4k(),
+        };
+        let unpin = |iova: u64, size: u64| EventKind::Unpin {
+            range: GpaRange::new(iova, size),
+            pages: GpaRange::new(iova, size).pages_4k(),
+        };
+        Ok(match id {
+            probe::IOCTL_SET_USER_MEMORY_REGION | probe::IOCTL_SET_USER_MEMORY_REGION2 => {
+                // struct kvm_userspace_memory_region(2): slot, flags, guest_phys_addr,
+                // memory_size, userspace_addr.
+                let (as_id, slot) = SlotTracker::split_slot_id(le_u32(d, 0) as u32);
+                let call = Memslot {
+                    slot,
+                    as_id,
+                    flags: le_u32(d, 4) as u32,
+                    gpa: le_u64(d, 8),
+                    size: le_u64(d, 16),
+                    ua: le_u64(d, 24),
+                };
+                let tracker = self.slots.entry(r.tgid).or_default();
+                // A slot created before recording began is unknown: a delete of it is still
+                // reported, with the call's own (zero) extent.
+                match tracker.apply(call) {
+                    Ok(k) => vec![k],
+                    Err(_) => vec![EventKind::MemslotDelete(call)],
+                }
+            }
+            probe::IOCTL_PRE_FAULT_MEMORY => {
+                // struct kvm_pre_fault_memory: gpa, size, flags.
+                let range = GpaRange::new(le_u64(d, 0), le_u64(d, 8));
+                vec![EventKind::PrepopulateEnd {
+                    range,
+                    page_size: PageSize::Size4K,
+                    cause: PrepopCause::PreFault,
+                    entries: range.pages_4k(),
+                    ns,
+                }]
+            }
+            probe::IOCTL_VFIO_MAP_DMA => {
+                // struct vfio_iommu_type1_dma_map: argsz, flags, vaddr, iova, size.
+                let (iova, size) = (le_u64(d, 16), le_u64(d, 24));
+                vec![EventKind::IommuMap { iova, size, ns }, pin(iova, size)]
+            }
+            probe::IOCTL_VFIO_UNMAP_DMA => {
+                // struct vfio_iommu_type1_dma_unmap: argsz, flags, iova, size.
+                let (iova, size) = (le_u64(d, 8), le_u64(d, 16));
+                vec![EventKind::IommuUnmap { iova, size, ns }, unpin(iova, size)]
+            }
+            probe::IOCTL_IOAS_MAP => {
+                // struct iommu_ioas_map: size, flags, ioas_id, reserved, user_va, length, iova.
+                let (size, iova) = (le_u64(d, 24), le_u64(d, 32));
+                vec![EventKind::IommuMap { iova, size, ns }, pin(iova, size)]
+            }
+            probe::IOCTL_IOAS_UNMAP => {
+                // struct iommu_ioas_unmap: size, ioas_id, iova, length.
+                let (iova, size) = (le_u64(d, 8), le_u64(d, 16));
+                vec![EventKind::IommuUnmap { iova, size, ns }, unpin(iova, size)]
+            }
+            _ => return Err(()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn format(file: &str, system: &str) -> Format {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/tracefs-6.18")
+            .join(file);
+        Format::parse(system, &std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn decoder() -> Decoder {
+        let mut formats = HashMap::new();
+        formats.insert(
+            probe::KVM_MMU_GET_PAGE,
+            format("kvmmmu_kvm_mmu_get_page.format", "kvmmmu"),
+        );
+        formats.insert(
+            probe::KVM_MMU_ZAP_ALL_FAST,
+            format("kvmmmu_kvm_mmu_zap_all_fast.format", "kvmmmu"),
+        );
+        formats.insert(
+            probe::KVM_TDP_MMU_SPTE_CHANGED,
+            format("kvmmmu_kvm_tdp_mmu_spte_changed.format", "kvmmmu"),
+        );
+        formats.insert(
+            probe::KVM_PAGE_FAULT,
+            format("kvm_kvm_page_fault.format", "kvm"),
+        );
+        formats.insert(probe::IOMMU_MAP, format("iommu_map.format", "iommu"));
+        Decoder::new(formats, RoleLayout::LINUX_6, PteFormat::EPT4, 1_000)
+    }
+
+    /// A record of `probe` whose raw data has `fields` (offset, bytes) set.
+    fn record(probe: u32, fields: &[(usize, &[u8])]) -> Record {
+        let mut data = [0; RECORD_DATA];
+        for (off, bytes) in fields {
+            data[*off..*off + bytes.len()].copy_from_slice(bytes);
+        }
+        Record {
+            probe,
+            tgid: 4242,
+            tid: 4243,
+            cpu: 1,
+            ts_ns: 6_000,
+            latency_ns: 0,
+            ret: 0,
+            data,
+        }
+    }
+
+    #[test]
+    fn record_bytes_round_trip() {
+        let r = record(probe::IOMMU_MAP, &[(8, &[1, 2, 3])]);
+        let back = parse_record(&encode_record(&r)).unwrap();
+        assert_eq!(
+            (back.probe, back.tgid, back.ts_ns, back.data),
+            (r.probe, r.tgid, r.ts_ns, r.data)
+        );
+        assert!(parse_record(&[0; 10]).is_none());
+    }
+
+    #[test]
+    fn a_created_root_page_is_a_root_alloc_of_that_vm() {
+        let mut d = decoder();
+        // role: level 4, direct, smm 1; created = true (offset 33)
+        let role: u32 = 4 | (1 << 7) | (1 << 24);
+        let r = record(
+            probe::KVM_MMU_GET_PAGE,
+            &[(24, &role.to_le_bytes()), (33, &[1])],
+        );
+        let ev = d.decode(&r);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].vm, 4242);
+        assert_eq!(ev[0].ts_ns, 5_000);
+        assert_eq!(ev[0].source, Source::Live);
+        assert!(matches!(
+            ev[0].kind,
+            EventKind::RootAlloc(Root {
+                level: 4,
+                smm: true,
+                root: 1,
+                ..
+            })
+        ));
+        // A level-1 page is no root.
+        let leaf_role: u32 = 1 | (1 << 7);
+        let r = record(
+            probe::KVM_MMU_GET_PAGE,
+            &[(24, &leaf_role.to_le_bytes()), (33, &[1])],
+        );
+        assert!(d.decode(&r).is_empty());
+        assert_eq!(d.uneventful, 1);
+    }
+
+    #[test]
+    fn a_pae_root_set_is_one_root() {
+        // What this machine's KVM does for SeaBIOS (non-paging guest): four direct level-2 pages
+        // at gfn 0, 0x40000, 0x80000, 0xc0000 (role 0x1782), created together.
+        let mut d = decoder();
+        let role: u32 = 0x1782;
+        let events: Vec<_> = [0u64, 0x40000, 0x80000, 0xc0000]
+            .iter()
+            .flat_map(|gfn| {
+                let r = record(
+                    probe::KVM_MMU_GET_PAGE,
+                    &[
+                        (16, &gfn.to_le_bytes()),
+                        (24, &role.to_le_bytes()),
+                        (33, &[1]),
+                    ],
+                );
+                d.decode(&r)
+            })
+            .collect();
+        assert_eq!(events.len(), 1);
+        assert!(matches!(
+            events[0].kind,
+            EventKind::RootAlloc(Root { level: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn tracepoints_decode_by_field_name() {
+        let mut d = decoder();
+        let r = record(
+            probe::KVM_MMU_ZAP_ALL_FAST,
+            &[(8, &[7]), (12, &9u32.to_le_bytes())],
+        );
+        assert_eq!(
+            d.decode(&r)[0].kind,
+            EventKind::FastZap {
+                generation: 7,
+                pages: 9
+            }
+        );
+        let leaf = PteFormat::EPT4.leaf(0x1000, 1, tdpshare::format::Perms::RW, Default::default());
+        let r = record(
+            probe::KVM_TDP_MMU_SPTE_CHANGED,
+            &[
+                (8, &5u64.to_le_bytes()),
+                (24, &leaf.to_le_bytes()),
+                (32, &[1]),
+            ],
+        );
+        let EventKind::SpteSet {
+            gfn,
+            level,
+            old,
+            new,
+        } = d.decode(&r)[0].kind
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (gfn, level, old.to_string(), new.to_string()),
+            (5, 1, "---------".into(), "prw------".into())
+        );
+        let r = record(
+            probe::KVM_PAGE_FAULT,
+            &[
+                (8, &3u32.to_le_bytes()),
+                (24, &0x1234_5678u64.to_le_bytes()),
+                (32, &2u64.to_le_bytes()),
+            ],
+        );
+        let e = &d.decode(&r)[0];
+        assert_eq!(e.vcpu, Some(3));
+        assert_eq!(
+            e.kind,
+            EventKind::PageFault {
+                gfn: 0x12345,
+                error_code: 2
+            }
+        );
+        let r = record(
+            probe::IOMMU_MAP,
+            &[
+                (8, &0x1000u64.to_le_bytes()),
+                (24, &0x2000u64.to_le_bytes()),
+            ],
+        );
+        assert_eq!(
+            d.decode(&r)[0].kind,
+            EventKind::IommuMap {
+                iova: 0x1000,
+                size: 0x2000,
+                ns: 0
+            }
+        );
+        // A probe whose format is unknown cannot be decoded: counted, not guessed.
+        assert!(
+            d.decode(&record(probe::KVM_MMU_SPLIT_HUGE_PAGE, &[]))
+                .is_empty()
+        );
+        assert_eq!(d.undecodable, 1);
+    }
+
+    #[test]
+    fn memslot_ioctls_follow_kvm() {
+        let mut d = decoder();
+        let region = |slot: u32, gpa: u64, size: u64| {
+            let mut r = record(probe::IOCTL_SET_USER_MEMORY_REGION, &[]);
+            r.data[0..4].copy_from_slice(&slot.to_le_bytes());
+            r.data[8..16].copy_from_slice(&gpa.to_le_bytes());
+            r.data[16..24].copy_from_slice(&size.to_le_bytes());
+            r.data[24..32].copy_from_slice(&0x7f00_0000_0000u64.to_le_bytes());
+            r.latency_ns = 900;
+            r
+        };
+        let kinds: Vec<_> = [
+            region(0, 0, 1 << 30),
+            region(0, 0, 0),
+            region(0x1_0002, 0, 0x1000),
+        ]
+        .iter()
+        .flat_map(|r| d.decode(r))
+        .map(|e| e.kind)
+        .collect();
+        assert!(matches!(
+            kinds[0],
+            EventKind::MemslotAdd(Memslot {
+                size: 0x4000_0000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            kinds[1],
+            EventKind::MemslotDelete(Memslot {
+                size: 0x4000_0000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            kinds[2],
+            EventKind::MemslotAdd(Memslot {
+                as_id: 1,
+                slot: 2,
+                ..
+            })
+        ));
+        let mut failed = region(3, 0, 0x1000);
+        failed.ret = -17;
+        assert!(d.decode(&failed).is_empty());
+    }
+
+    #[test]
+    fn vfio_map_is_a_timed_map_and_a_pin() {
+        let mut d = decoder();
+        let mut r = record(probe::IOCTL_VFIO_MAP_DMA, &[]);
+        r.data[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        r.data[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        r.latency_ns = 12_345;
+        let kinds: Vec<_> = d.decode(&r).into_iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::IommuMap {
+                    iova: 0x10_0000,
+                    size: 0x20_0000,
+                    ns: 12_345
+                },
+                EventKind::Pin {
+                    range: GpaRange::new(0x10_0000, 0x20_0000),
+                    pages: 512
+                },
+            ]
+        );
+    }
+}

@@ -1,0 +1,448 @@
+//! Loads the eBPF object, attaches every catalog probe it can, and streams decoded events.
+//!
+//! Starting never fails as a whole: each probe ends up attached, absent (the running kernel has
+//! no such tracepoint), denied (missing privilege) or failed (with the verifier's or kernel's
+//! reason), and the session works with whatever attached.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use tdpshare::event::Event;
+use tdpshare::stats::Log2Histogram;
+use tdpshare_probes_common::split_hist_key;
+
+use crate::btf::RoleLayout;
+use crate::catalog::{CATALOG, Probe};
+use crate::decode::{Decoder, parse_record};
+use crate::tracefs::{self, Format};
+
+/// The eBPF object built by build.rs (empty when the toolchain was missing).
+static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tdpshare-probes.bpf.o"));
+/// Why the object is empty, if it is.
+const MISSING: &str = env!("TDPSHARE_EBPF_MISSING");
+
+/// What became of one probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeState {
+    Attached,
+    /// The running kernel has no such tracepoint.
+    Absent,
+    /// Not allowed: the reason names the capability.
+    Denied(String),
+    Failed(String),
+    /// This build carries no eBPF programs.
+    NotBuilt(String),
+}
+
+impl fmt::Display for ProbeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeState::Attached => f.write_str("attached"),
+            ProbeState::Absent => f.write_str("absent"),
+            ProbeState::Denied(r) => write!(f, "denied: {r}"),
+            ProbeState::Failed(r) => write!(f, "failed: {r}"),
+            ProbeState::NotBuilt(r) => write!(f, "not built: {r}"),
+        }
+    }
+}
+
+/// One row of the status table.
+#[derive(Debug, Clone)]
+pub struct ProbeStatus {
+    pub probe: &'static Probe,
+    pub state: ProbeState,
+}
+
+/// Options of [`Session::start`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Only this VMM (its pid); all processes when `None`.
+    pub pid: Option<u32>,
+    /// Where tracefs is (default: found, or mounted at /sys/kernel/tracing).
+    pub tracefs: Option<PathBuf>,
+}
+
+/// Per-VM, per-probe figures kept in the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct KernelCounters {
+    /// (tgid, probe id) → hits.
+    pub counts: HashMap<(u32, u32), u64>,
+    /// (tgid, probe id) → ioctl latency histogram.
+    pub latency: HashMap<(u32, u32), Log2Histogram>,
+    /// Records the ring buffer could not take.
+    pub drops: u64,
+}
+
+/// Keeps the last messages the eBPF programs logged (aya-log), for the probes view.
+#[derive(Debug, Clone, Default)]
+pub struct Diagnostics(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl Diagnostics {
+    const KEEP: usize = 64;
+
+    /// The messages kept, oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl log::Log for Diagnostics {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if let Ok(mut q) = self.0.lock() {
+            if q.len() == Self::KEEP {
+                q.pop_front();
+            }
+            q.push_back(format!("{}: {}", record.level(), record.args()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Attached probes and the stream of their events.
+pub struct Session {
+    pub statuses: Vec<ProbeStatus>,
+    /// Notes for the user (tracefs mounted, role layout not from BTF, …).
+    pub notes: Vec<String>,
+    ebpf: Option<Ebpf>,
+    ring: Option<RingBuf<MapData>>,
+    logger: Option<aya_log::EbpfLogger<Diagnostics>>,
+    diagnostics: Diagnostics,
+    decoder: Decoder,
+    records: u64,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("statuses", &self.statuses)
+            .field("records", &self.records)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Is `e`, or anything it was caused by, a permission error?
+fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        let text = err.to_string();
+        if text.contains("Operation not permitted") || text.contains("Permission denied") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The whole cause chain in one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+const PRIVILEGE: &str = "needs CAP_BPF and CAP_PERFMON (run as root), or use --replay / --simulate";
+
+/// CLOCK_MONOTONIC now, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Finds tracefs, mounting it at /sys/kernel/tracing if it is not mounted anywhere.
+fn ensure_tracefs(notes: &mut Vec<String>) -> Option<PathBuf> {
+    if let Some(root) = tracefs::tracefs_root() {
+        return Some(root);
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: mount(2) with constant C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        notes.push("tracefs was not mounted: mounted it at /sys/kernel/tracing".into());
+        tracefs::tracefs_root()
+    } else {
+        notes.push(format!(
+            "tracefs is not mounted and mounting it failed ({}): every tracepoint looks absent",
+            std::io::Error::last_os_error()
+        ));
+        None
+    }
+}
+
+impl Session {
+    /// Loads and attaches everything that can be.
+    pub fn start(opts: &LoadOptions) -> Session {
+        let mut notes = Vec::new();
+        let tracefs = opts.tracefs.clone().or_else(|| ensure_tracefs(&mut notes));
+        let (role, role_problem) = RoleLayout::of_running_kernel();
+        if let Some(p) = role_problem {
+            notes.push(format!("role word decoded with Linux 6.x's layout: {p}"));
+        }
+        // The formats of every probe that exists here.
+        let mut formats = HashMap::new();
+        let mut present = HashMap::new();
+        for p in CATALOG {
+            let loaded = tracefs
+                .as_deref()
+                .map(|t| Format::load(t, p.system, p.event));
+            match loaded {
+                Some(Ok(f)) => {
+                    if let Some(id) = p.id {
+                        formats.insert(id, f.clone());
+                    }
+                    present.insert(p.program, f);
+                }
+                Some(Err(tracefs::FormatError::Absent { .. })) | None => {}
+                Some(Err(e)) => {
+                    notes.push(format!("{}:{}: {e}", p.system, p.event));
+                }
+            }
+        }
+        let decoder = Decoder::new(formats, role, Decoder::host_spte_format(), monotonic_ns());
+        let mut session = Session {
+            statuses: Vec::new(),
+            notes,
+            ebpf: None,
+            ring: None,
+            logger: None,
+            diagnostics: Diagnostics::default(),
+            decoder,
+            records: 0,
+        };
+        let all = |state: ProbeState| -> Vec<ProbeStatus> {
+            CATALOG
+                .iter()
+                .map(|probe| ProbeStatus {
+                    probe,
+                    state: state.clone(),
+                })
+                .collect()
+        };
+        if OBJECT.is_empty() {
+            session.statuses = all(ProbeState::NotBuilt(MISSING.to_owned()));
+            return session;
+        }
+        // Offsets the ioctl programs read at, from this kernel's formats.
+        let offset = |program: &str, field: &str, default: u32| {
+            present
+                .get(program)
+                .and_then(|f| f.field(field).ok())
+                .map_or(default, |f| f.offset as u32)
+        };
+        let (cmd, arg, ret) = (
+            offset("sys_enter_ioctl", "cmd", 24),
+            offset("sys_enter_ioctl", "arg", 32),
+            offset("sys_exit_ioctl", "ret", 16),
+        );
+        let target = opts.pid.unwrap_or(0);
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("TARGET_TGID", &target, true)
+            .override_global("IOCTL_CMD_OFFSET", &cmd, true)
+            .override_global("IOCTL_ARG_OFFSET", &arg, true)
+            .override_global("IOCTL_RET_OFFSET", &ret, true);
+        let mut ebpf = match loader.load(OBJECT) {
+            Ok(e) => e,
+            Err(e) => {
+                let state = if denied(&e) {
+                    ProbeState::Denied(PRIVILEGE.into())
+                } else {
+                    ProbeState::Failed(chain(&e))
+                };
+                session.statuses = all(state);
+                return session;
+            }
+        };
+        session.logger =
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, session.diagnostics.clone()).ok();
+        for probe in CATALOG {
+            let state = if !present.contains_key(probe.program) {
+                ProbeState::Absent
+            } else {
+                attach(&mut ebpf, probe)
+            };
+            session.statuses.push(ProbeStatus { probe, state });
+        }
+        session.ring = ebpf
+            .take_map("EVENTS")
+            .and_then(|m| RingBuf::try_from(m).ok());
+        session.ebpf = Some(ebpf);
+        session
+    }
+
+    /// Probes attached.
+    pub fn attached(&self) -> usize {
+        self.statuses
+            .iter()
+            .filter(|s| s.state == ProbeState::Attached)
+            .count()
+    }
+
+    /// Drains the ring buffer into `out`; returns the records read.
+    pub fn poll(&mut self, out: &mut Vec<Event>) -> usize {
+        if let Some(logger) = self.logger.as_mut() {
+            logger.flush();
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            return 0;
+        };
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            n += 1;
+            match parse_record(&item) {
+                Some(r) => out.extend(self.decoder.decode(&r)),
+                None => self.decoder.undecodable += 1,
+            }
+        }
+        self.records += n as u64;
+        n
+    }
+
+    /// The eBPF programs' own diagnostics (aya-log), latest last.
+    pub fn diagnostics(&self) -> Vec<String> {
+        self.diagnostics.messages()
+    }
+
+    /// Records read so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Records that could not be decoded / were decoded into no event on purpose.
+    pub fn undecodable(&self) -> (u64, u64) {
+        (self.decoder.undecodable, self.decoder.uneventful)
+    }
+
+    /// The kernel's per-VM counters, histograms and drops.
+    pub fn counters(&self) -> KernelCounters {
+        let mut out = KernelCounters::default();
+        let Some(ebpf) = self.ebpf.as_ref() else {
+            return out;
+        };
+        if let Some(Ok(counts)) = ebpf
+            .map("COUNTS")
+            .map(PerCpuHashMap::<_, u64, u64>::try_from)
+        {
+            for (key, values) in counts.iter().flatten() {
+                let total: u64 = values.iter().sum();
+                out.counts
+                    .insert(((key >> 32) as u32, (key & 0xffff_ffff) as u32), total);
+            }
+        }
+        if let Some(Ok(hist)) = ebpf
+            .map("LATENCY")
+            .map(PerCpuHashMap::<_, u64, u64>::try_from)
+        {
+            for (key, values) in hist.iter().flatten() {
+                let (tgid, probe, bucket) = split_hist_key(key);
+                let n: u64 = values.iter().sum();
+                let h = out.latency.entry((tgid, probe)).or_default();
+                let b = (bucket as usize).min(63);
+                h.buckets[b] += n;
+                h.count += n;
+                // The bucket's lower bound: the exact values stay in the kernel.
+                let low = if b == 0 { 0 } else { 1u64 << b };
+                h.sum = h.sum.saturating_add(low.saturating_mul(n));
+                h.max = h.max.max(if b >= 63 {
+                    u64::MAX
+                } else {
+                    (1u64 << (b + 1)) - 1
+                });
+            }
+        }
+        if let Some(Ok(drops)) = ebpf.map("DROPS").map(PerCpuArray::<_, u64>::try_from)
+            && let Ok(values) = drops.get(&0, 0)
+        {
+            out.drops = values.iter().sum();
+        }
+        out
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, probe: &Probe) -> ProbeState {
+    let Some(program) = ebpf.program_mut(probe.program) else {
+        return ProbeState::Failed(format!("no program {} in the object", probe.program));
+    };
+    let tp: &mut TracePoint = match program.try_into() {
+        Ok(tp) => tp,
+        Err(e) => return ProbeState::Failed(chain(&e)),
+    };
+    if let Err(e) = tp.load() {
+        return if denied(&e) {
+            ProbeState::Denied(PRIVILEGE.into())
+        } else {
+            ProbeState::Failed(chain(&e))
+        };
+    }
+    match tp.attach(probe.system, probe.event) {
+        Ok(_) => ProbeState::Attached,
+        Err(e) if denied(&e) => ProbeState::Denied(PRIVILEGE.into()),
+        Err(e) => ProbeState::Failed(chain(&e)),
+    }
+}
+
+/// The status table as text.
+pub fn status_table(statuses: &[ProbeStatus]) -> String {
+    let width = statuses
+        .iter()
+        .map(|s| s.probe.system.len() + s.probe.event.len() + 1)
+        .max()
+        .unwrap_or(0);
+    let mut out = format!("{:width$}  {:<13}  state\n", "tracepoint", "path");
+    for s in statuses {
+        let name = format!("{}:{}", s.probe.system, s.probe.event);
+        let path = format!("{:?}", s.probe.path);
+        let note = if s.probe.patched_kernel_only && s.state == ProbeState::Absent {
+            " (tdpshare patch series not in this kernel)"
+        } else {
+            ""
+        };
+        out.push_str(&format!("{name:width$}  {path:<13}  {}{note}\n", s.state));
+    }
+    out
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `true` when the loader found tracefs at `path` (for tests).
+pub fn has_tracefs(path: &Path) -> bool {
+    path.join("events").is_dir()
+}
