@@ -10,36 +10,79 @@ use tdpshare::event::{Event, VmId};
 use tdpshare::stats::VmStats;
 
 /// A value in a column: counts stay integers, durations and sizes are shown with a unit.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Count(u64),
     /// Milliseconds, from nanoseconds.
     Millis(u64),
     /// Mebibytes, from 4 KiB pages.
     MiB(u64),
+    /// Per second.
+    Rate(f64),
+    Text(String),
 }
 
 impl Value {
-    fn text(self) -> String {
+    pub fn text(&self) -> String {
         match self {
             Value::Count(n) => n.to_string(),
-            Value::Millis(ns) => format!("{:.3}", ns as f64 / 1e6),
-            Value::MiB(pages) => format!("{:.1}", pages as f64 / 256.0),
+            Value::Millis(ns) => format!("{:.3}", *ns as f64 / 1e6),
+            Value::MiB(pages) => format!("{:.1}", *pages as f64 / 256.0),
+            Value::Rate(r) => format!("{r:.1}"),
+            Value::Text(t) => t.clone(),
         }
     }
 
-    fn json(self) -> serde_json::Value {
+    fn json(&self) -> serde_json::Value {
         match self {
-            Value::Count(n) => n.into(),
-            Value::Millis(ns) => (ns as f64 / 1e6).into(),
-            Value::MiB(pages) => (pages as f64 / 256.0).into(),
+            Value::Count(n) => (*n).into(),
+            Value::Millis(ns) => (*ns as f64 / 1e6).into(),
+            Value::MiB(pages) => (*pages as f64 / 256.0).into(),
+            Value::Rate(r) => (*r).into(),
+            Value::Text(t) => t.clone().into(),
         }
     }
 
-    fn sort_key(self) -> u64 {
+    /// Text sorts after numbers, alphabetically.
+    fn sort_key(&self) -> (u64, String) {
         match self {
-            Value::Count(n) | Value::Millis(n) | Value::MiB(n) => n,
+            Value::Count(n) | Value::Millis(n) | Value::MiB(n) => (*n, String::new()),
+            Value::Rate(r) => ((r * 1000.0) as u64, String::new()),
+            Value::Text(t) => (0, t.clone()),
         }
+    }
+
+    /// Numbers align right, text left.
+    pub fn is_text(&self) -> bool {
+        matches!(self, Value::Text(_))
+    }
+}
+
+/// Per-second rates between the last two ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    pub prepopulations: f64,
+    pub entries: f64,
+    pub root_updates: f64,
+    pub iotlb_flushes: f64,
+    pub dma_maps: f64,
+    pub memslot_ops: f64,
+}
+
+/// The counters rates are computed from.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Counters([u64; 6]);
+
+impl Counters {
+    fn of(s: &VmStats) -> Self {
+        Counters([
+            s.prepopulations,
+            s.prepop_entries,
+            s.root_updates(),
+            s.iotlb_flushes,
+            s.dma_maps,
+            s.memslot_ops,
+        ])
     }
 }
 
@@ -56,8 +99,40 @@ pub const COLUMNS: &[Column] = &[
         value: |r| Value::Count(r.vm),
     },
     Column {
+        name: "name",
+        value: |r| Value::Text(r.name.clone()),
+    },
+    Column {
         name: "prepops",
         value: |r| Value::Count(r.stats.prepopulations),
+    },
+    Column {
+        name: "prepops_per_s",
+        value: |r| Value::Rate(r.rates.prepopulations),
+    },
+    Column {
+        name: "roots",
+        value: |r| Value::Count(r.stats.root_updates()),
+    },
+    Column {
+        name: "roots_per_s",
+        value: |r| Value::Rate(r.rates.root_updates),
+    },
+    Column {
+        name: "fast_zaps",
+        value: |r| Value::Count(r.stats.fast_zaps),
+    },
+    Column {
+        name: "iotlb_flushes",
+        value: |r| Value::Count(r.stats.iotlb_flushes),
+    },
+    Column {
+        name: "flushes_per_s",
+        value: |r| Value::Rate(r.rates.iotlb_flushes),
+    },
+    Column {
+        name: "pinned_mib",
+        value: |r| Value::MiB(r.stats.pinned_pages),
     },
     Column {
         name: "entries",
@@ -68,20 +143,8 @@ pub const COLUMNS: &[Column] = &[
         value: |r| Value::Millis(r.stats.prepop_total_ns()),
     },
     Column {
-        name: "roots",
-        value: |r| Value::Count(r.stats.root_updates()),
-    },
-    Column {
-        name: "fast_zaps",
-        value: |r| Value::Count(r.stats.fast_zaps),
-    },
-    Column {
         name: "splits",
         value: |r| Value::Count(r.stats.splits),
-    },
-    Column {
-        name: "iotlb_flushes",
-        value: |r| Value::Count(r.stats.iotlb_flushes),
     },
     Column {
         name: "dma_maps",
@@ -96,10 +159,6 @@ pub const COLUMNS: &[Column] = &[
         value: |r| Value::Count(r.stats.io_page_faults),
     },
     Column {
-        name: "pinned_mib",
-        value: |r| Value::MiB(r.stats.pinned_pages),
-    },
-    Column {
         name: "memslot_ops",
         value: |r| Value::Count(r.stats.memslot_ops),
     },
@@ -109,7 +168,12 @@ pub const COLUMNS: &[Column] = &[
 #[derive(Debug, Clone, Default)]
 pub struct VmRow {
     pub vm: VmId,
+    /// From the VMM's command line (`-name`), the simulator's mode, or empty.
+    pub name: String,
     pub stats: VmStats,
+    pub detail: crate::detail::VmDetail,
+    pub rates: Rates,
+    last: Counters,
 }
 
 /// Every VM seen, keyed by VM id.
@@ -120,14 +184,63 @@ pub struct Overview {
 
 impl Overview {
     pub fn record(&mut self, event: &Event) {
-        self.rows
-            .entry(event.vm)
-            .or_insert_with(|| VmRow {
-                vm: event.vm,
-                ..VmRow::default()
-            })
-            .stats
-            .record(event);
+        let row = self.rows.entry(event.vm).or_insert_with(|| VmRow {
+            vm: event.vm,
+            ..VmRow::default()
+        });
+        row.stats.record(event);
+        row.detail.record(event);
+    }
+
+    /// Names VM `vm` (creating its row).
+    pub fn set_name(&mut self, vm: VmId, name: &str) {
+        let row = self.rows.entry(vm).or_insert_with(|| VmRow {
+            vm,
+            ..VmRow::default()
+        });
+        row.name = name.to_owned();
+    }
+
+    /// `dt_ns` passed since the last tick: rates over it.
+    pub fn tick(&mut self, dt_ns: u64) {
+        let secs = dt_ns as f64 / 1e9;
+        for row in self.rows.values_mut() {
+            let now = Counters::of(&row.stats);
+            let d: Vec<f64> = now
+                .0
+                .iter()
+                .zip(row.last.0.iter())
+                .map(|(a, b)| a.saturating_sub(*b) as f64 / secs)
+                .collect();
+            row.rates = Rates {
+                prepopulations: d[0],
+                entries: d[1],
+                root_updates: d[2],
+                iotlb_flushes: d[3],
+                dma_maps: d[4],
+                memslot_ops: d[5],
+            };
+            row.last = now;
+        }
+    }
+
+    /// Sparkline window, seconds.
+    pub fn set_window(&mut self, window: usize) {
+        for row in self.rows.values_mut() {
+            row.detail.window = window;
+        }
+    }
+
+    pub fn get(&self, vm: VmId) -> Option<&VmRow> {
+        self.rows.get(&vm)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
     }
 
     /// Rows sorted by `column` (descending, ties by VM id), or by VM id when `None`.

@@ -59,8 +59,9 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 /// Rustup components of the active toolchain the checks use.
 const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 
-/// Debian packages: LLVM 22 for bpf-linker, QEMU for the live probe tests and the lab.
-const APT_PACKAGES: [&str; 2] = ["llvm-22-dev", "qemu-system-x86"];
+/// Debian packages: LLVM 22 for bpf-linker, QEMU for the live probe tests and the lab, tmux
+/// for sharetop's terminal smoke test.
+const APT_PACKAGES: [&str; 3] = ["llvm-22-dev", "qemu-system-x86", "tmux"];
 
 fn has_command(cmd: &str, arg: &str) -> bool {
     Command::new(cmd)

@@ -1,0 +1,580 @@
+//! sharetop's state and everything that changes it: `App::update(Action)`, pure (no terminal,
+//! no clock, no I/O), so every behaviour is a unit test.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use regex::Regex;
+use tdpshare::event::{Event, EventKind, Path, VmId};
+
+use crate::overview::{COLUMNS, Overview};
+
+/// The views, in Tab order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Overview,
+    Detail,
+    Log,
+    Probes,
+}
+
+impl View {
+    pub const ALL: [View; 4] = [View::Overview, View::Detail, View::Log, View::Probes];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            View::Overview => "Overview",
+            View::Detail => "VM detail",
+            View::Log => "Event log",
+            View::Probes => "Probes",
+        }
+    }
+
+    fn step(self, by: isize) -> View {
+        let i = View::ALL.iter().position(|v| *v == self).unwrap_or(0) as isize;
+        View::ALL[(i + by).rem_euclid(View::ALL.len() as isize) as usize]
+    }
+}
+
+/// One row of the probe status table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRow {
+    pub tracepoint: String,
+    pub path: String,
+    pub state: String,
+}
+
+/// Everything that can happen to the app.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Event(Event),
+    /// A name for a VM (its VMM's `-name`, or the simulator's mode).
+    VmName(VmId, String),
+    Probes(Vec<ProbeRow>),
+    /// Records the kernel's ring buffer dropped so far.
+    Drops(u64),
+    /// A message for the user (not root, a source ended, …).
+    Note(String),
+    /// sharetop's own CPU use, percent of one core.
+    SelfCpu(f64),
+    /// Time passed; rates are computed over the time between ticks (event time, ns).
+    Tick(u64),
+    Quit,
+    NextView,
+    PrevView,
+    Up,
+    Down,
+    PageUp,
+    PageDown,
+    Enter,
+    Back,
+    /// Sort by the next (or previous) column.
+    SortNext,
+    SortPrev,
+    TogglePause,
+    ToggleHelp,
+    FilterStart,
+    FilterInput(char),
+    FilterBackspace,
+    FilterApply,
+    FilterCancel,
+    /// Show or hide one class of events in the log.
+    ToggleClass(Path),
+    /// Sparkline window in seconds.
+    SetWindow(usize),
+}
+
+/// The event classes, in the order of their toggle keys (1–5).
+pub const CLASSES: [Path; 5] = [
+    Path::Prepopulation,
+    Path::RootUpdate,
+    Path::Iommu,
+    Path::Memslot,
+    Path::Sharing,
+];
+
+/// sharetop's state.
+#[derive(Debug)]
+pub struct App {
+    pub overview: Overview,
+    pub view: View,
+    /// The selected VM, kept by id across refreshes and re-sorting.
+    pub selected: Option<VmId>,
+    /// Index into [`COLUMNS`] of the sort column; 0 (vm) sorts by VM id.
+    pub sort: usize,
+    pub log: VecDeque<Event>,
+    pub log_capacity: usize,
+    /// Lines scrolled up from the newest.
+    pub log_offset: usize,
+    pub paused: bool,
+    pub filter: Option<Regex>,
+    /// The filter being typed, while `/` is active.
+    pub filter_input: Option<String>,
+    pub filter_error: Option<String>,
+    pub classes: BTreeSet<Path>,
+    pub help: bool,
+    pub quit: bool,
+    pub probes: Vec<ProbeRow>,
+    pub drops: u64,
+    pub notes: Vec<String>,
+    pub cpu_percent: f64,
+    pub window: usize,
+    /// Where the events come from, for the header.
+    pub source: String,
+    pub events: u64,
+    last_tick: Option<u64>,
+}
+
+impl App {
+    pub fn new(source: impl Into<String>) -> Self {
+        Self {
+            overview: Overview::default(),
+            view: View::Overview,
+            selected: None,
+            sort: 0,
+            log: VecDeque::new(),
+            log_capacity: 10_000,
+            log_offset: 0,
+            paused: false,
+            filter: None,
+            filter_input: None,
+            filter_error: None,
+            classes: CLASSES.into_iter().collect(),
+            help: false,
+            quit: false,
+            probes: Vec::new(),
+            drops: 0,
+            notes: Vec::new(),
+            cpu_percent: 0.0,
+            window: 60,
+            source: source.into(),
+            events: 0,
+            last_tick: None,
+        }
+    }
+
+    /// The sort column, `None` for the VM id order.
+    pub fn sort_column(&self) -> Option<&'static crate::overview::Column> {
+        (self.sort > 0).then(|| &COLUMNS[self.sort])
+    }
+
+    /// VM ids in display order.
+    pub fn order(&self) -> Vec<VmId> {
+        self.overview
+            .rows(self.sort_column())
+            .iter()
+            .map(|r| r.vm)
+            .collect()
+    }
+
+    /// The log lines that pass the class toggles and the filter, oldest first.
+    pub fn visible_log(&self) -> Vec<String> {
+        self.log
+            .iter()
+            .filter(|e| self.classes.contains(&e.kind.path()))
+            .map(|e| {
+                log_line(
+                    e,
+                    &self
+                        .overview
+                        .get(e.vm)
+                        .map(|r| r.name.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .filter(|l| self.filter.as_ref().is_none_or(|re| re.is_match(l)))
+            .collect()
+    }
+
+    fn move_selection(&mut self, by: isize) {
+        let order = self.order();
+        if order.is_empty() {
+            return;
+        }
+        let at = self
+            .selected
+            .and_then(|id| order.iter().position(|&v| v == id))
+            .map_or(0, |i| {
+                (i as isize + by).clamp(0, order.len() as isize - 1) as usize
+            });
+        self.selected = Some(order[at]);
+    }
+
+    pub fn update(&mut self, action: Action) {
+        if self.filter_input.is_some() {
+            // While typing a filter, keys edit it.
+            match action {
+                Action::FilterInput(c) => {
+                    self.filter_input.get_or_insert_default().push(c);
+                    return;
+                }
+                Action::FilterBackspace => {
+                    if let Some(s) = self.filter_input.as_mut() {
+                        s.pop();
+                    }
+                    return;
+                }
+                Action::FilterApply => {
+                    let text = self.filter_input.take().unwrap_or_default();
+                    if text.is_empty() {
+                        self.filter = None;
+                        self.filter_error = None;
+                    } else {
+                        match Regex::new(&text) {
+                            Ok(re) => {
+                                self.filter = Some(re);
+                                self.filter_error = None;
+                            }
+                            Err(e) => {
+                                self.filter_error = Some(format!("bad filter {text:?}: {e}"));
+                            }
+                        }
+                    }
+                    self.log_offset = 0;
+                    return;
+                }
+                Action::FilterCancel => {
+                    self.filter_input = None;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        match action {
+            Action::Event(e) => {
+                self.events += 1;
+                self.overview.record(&e);
+                if self.selected.is_none() {
+                    self.selected = Some(e.vm);
+                }
+                if !self.paused {
+                    self.log.push_back(e);
+                    while self.log.len() > self.log_capacity {
+                        self.log.pop_front();
+                    }
+                }
+            }
+            Action::VmName(vm, name) => self.overview.set_name(vm, &name),
+            Action::Probes(rows) => self.probes = rows,
+            Action::Drops(n) => self.drops = n,
+            Action::Note(n) => {
+                if !self.notes.contains(&n) {
+                    self.notes.push(n);
+                }
+            }
+            Action::SelfCpu(p) => self.cpu_percent = p,
+            Action::Tick(now) => {
+                let dt = self.last_tick.map_or(0, |t| now.saturating_sub(t));
+                if dt > 0 {
+                    self.overview.tick(dt);
+                }
+                self.last_tick = Some(now);
+            }
+            Action::Quit => self.quit = true,
+            Action::NextView => self.view = self.view.step(1),
+            Action::PrevView => self.view = self.view.step(-1),
+            Action::Up => match self.view {
+                View::Log => self.log_offset = self.log_offset.saturating_add(1),
+                _ => self.move_selection(-1),
+            },
+            Action::Down => match self.view {
+                View::Log => self.log_offset = self.log_offset.saturating_sub(1),
+                _ => self.move_selection(1),
+            },
+            Action::PageUp => self.log_offset = self.log_offset.saturating_add(20),
+            Action::PageDown => self.log_offset = self.log_offset.saturating_sub(20),
+            Action::Enter => {
+                if self.view == View::Overview && self.selected.is_some() {
+                    self.view = View::Detail;
+                }
+            }
+            Action::Back => {
+                if self.help {
+                    self.help = false;
+                } else {
+                    self.view = View::Overview;
+                }
+            }
+            Action::SortNext => self.sort = (self.sort + 1) % COLUMNS.len(),
+            Action::SortPrev => self.sort = (self.sort + COLUMNS.len() - 1) % COLUMNS.len(),
+            Action::TogglePause => self.paused = !self.paused,
+            Action::ToggleHelp => self.help = !self.help,
+            Action::FilterStart => {
+                self.view = View::Log;
+                self.filter_input = Some(
+                    self.filter
+                        .as_ref()
+                        .map(|r| r.as_str().to_owned())
+                        .unwrap_or_default(),
+                );
+            }
+            Action::ToggleClass(p) => {
+                if !self.classes.remove(&p) {
+                    self.classes.insert(p);
+                }
+            }
+            Action::SetWindow(w) => {
+                self.window = w.clamp(10, 3600);
+                self.overview.set_window(self.window);
+            }
+            Action::FilterInput(_)
+            | Action::FilterBackspace
+            | Action::FilterApply
+            | Action::FilterCancel => {}
+        }
+    }
+}
+
+/// One event as a log line: time, VM, event name and its fields.
+pub fn log_line(e: &Event, name: &str) -> String {
+    let t = e.ts_ns as f64 / 1e9;
+    let who = if name.is_empty() {
+        format!("vm {}", e.vm)
+    } else {
+        format!("vm {} ({name})", e.vm)
+    };
+    let vcpu = e.vcpu.map(|v| format!(" vcpu {v}")).unwrap_or_default();
+    let detail = match &e.kind {
+        EventKind::PrepopulateStart {
+            range,
+            page_size,
+            cause,
+        } => {
+            format!("{:#x}+{:#x} {page_size} {cause:?}", range.start, range.size)
+        }
+        EventKind::PrepopulateEnd {
+            range,
+            page_size,
+            cause,
+            entries,
+            ns,
+        } => format!(
+            "{:#x}+{:#x} {page_size} {cause:?} entries={entries} {:.3}ms",
+            range.start,
+            range.size,
+            *ns as f64 / 1e6
+        ),
+        EventKind::RootAlloc(r) | EventKind::RootSwitch(r) | EventKind::RootFree(r) => format!(
+            "root={} level={} smm={} cause={:?}",
+            r.root, r.level, r.smm, r.cause
+        ),
+        EventKind::FastZap { generation, pages } => format!("gen={generation} pages={pages}"),
+        EventKind::Zap {
+            range,
+            tables,
+            entries,
+        } => {
+            format!(
+                "{:#x}+{:#x} tables={tables} entries={entries}",
+                range.start, range.size
+            )
+        }
+        EventKind::HugePageSplit { gfn, level } | EventKind::HugePageCollapse { gfn, level } => {
+            format!("gfn={gfn:#x} level={level}")
+        }
+        EventKind::SpteSet {
+            gfn,
+            level,
+            old,
+            new,
+        } => {
+            format!("gfn={gfn:#x} level={level} {old} -> {new}")
+        }
+        EventKind::PageFault { gfn, error_code } => format!("gfn={gfn:#x} error={error_code:#x}"),
+        EventKind::IommuMap { iova, size, ns } | EventKind::IommuUnmap { iova, size, ns } => {
+            format!("iova={iova:#x} size={size:#x} {:.3}ms", *ns as f64 / 1e6)
+        }
+        EventKind::IotlbFlush {
+            scope,
+            domain,
+            range,
+            ns,
+        } => format!(
+            "{scope:?}{}{} {}ns",
+            domain.map(|d| format!(" domain={d}")).unwrap_or_default(),
+            range
+                .map(|r| format!(" {:#x}+{:#x}", r.start, r.size))
+                .unwrap_or_default(),
+            ns
+        ),
+        EventKind::Pin { range, pages } | EventKind::Unpin { range, pages } => {
+            format!("{:#x}+{:#x} pages={pages}", range.start, range.size)
+        }
+        EventKind::MemslotAdd(s) | EventKind::MemslotDelete(s) => format!(
+            "slot={} as={} gpa={:#x} size={:#x} flags={:#x}",
+            s.slot, s.as_id, s.gpa, s.size, s.flags
+        ),
+        EventKind::MemslotMove { old_gpa, slot } => {
+            format!("slot={} {old_gpa:#x} -> {:#x}", slot.slot, slot.gpa)
+        }
+        EventKind::MemslotFlags { old_flags, slot } => {
+            format!(
+                "slot={} flags {old_flags:#x} -> {:#x}",
+                slot.slot, slot.flags
+            )
+        }
+        EventKind::SharingRequested { mode } => format!("mode={mode}"),
+        EventKind::SharingStarted { mode, handle } => format!("mode={mode} handle={handle}"),
+        EventKind::SharingStopped { mode, unpinned } => format!("mode={mode} unpinned={unpinned}"),
+        EventKind::SharingRefused { mode, reason } => format!("mode={mode} {reason}"),
+        EventKind::IoPageFault {
+            iova,
+            write,
+            resolved,
+        } => {
+            format!("iova={iova:#x} write={write} resolved={resolved}")
+        }
+    };
+    format!("{t:>12.6} {who}{vcpu} {} {detail}", e.kind.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tdpshare::event::{GpaRange, Memslot, Source};
+
+    fn pin(vm: VmId, pages: u64) -> Action {
+        Action::Event(Event::new(
+            0,
+            vm,
+            Source::Live,
+            EventKind::Pin {
+                range: GpaRange::new(0, pages << 12),
+                pages,
+            },
+        ))
+    }
+
+    fn slot(vm: VmId, ts: u64) -> Action {
+        Action::Event(Event::new(
+            ts,
+            vm,
+            Source::Live,
+            EventKind::MemslotAdd(Memslot {
+                slot: 1,
+                as_id: 0,
+                gpa: 0x1000,
+                size: 0x2000,
+                flags: 0,
+                ua: 0,
+            }),
+        ))
+    }
+
+    fn col(name: &str) -> usize {
+        COLUMNS.iter().position(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn sorting_keeps_the_selected_vm() {
+        let mut app = App::new("test");
+        for (vm, pages) in [(10, 5), (20, 500), (30, 50)] {
+            app.update(pin(vm, pages));
+        }
+        assert_eq!(app.order(), vec![10, 20, 30]);
+        app.update(Action::Down);
+        assert_eq!(app.selected, Some(20));
+        while COLUMNS[app.sort].name != "pinned_mib" {
+            app.update(Action::SortNext);
+        }
+        assert_eq!(app.order(), vec![20, 30, 10]);
+        assert_eq!(
+            app.selected,
+            Some(20),
+            "selection follows the VM, not the row"
+        );
+        app.update(Action::Down);
+        assert_eq!(app.selected, Some(30));
+        app.update(Action::Down);
+        app.update(Action::Down);
+        assert_eq!(app.selected, Some(10), "clamped at the end");
+        app.update(Action::SortPrev);
+        assert_eq!(app.sort, col("pinned_mib") - 1);
+    }
+
+    #[test]
+    fn filtering_by_regex_and_class() {
+        let mut app = App::new("test");
+        app.update(pin(1, 8));
+        app.update(slot(2, 5));
+        assert_eq!(app.visible_log().len(), 2);
+        app.update(Action::FilterStart);
+        assert_eq!(app.view, View::Log);
+        for c in "vm 2 .*memslot_".chars() {
+            app.update(Action::FilterInput(c));
+        }
+        // Keys edit the filter while it is typed: 'q' does not quit.
+        app.update(Action::FilterInput('q'));
+        app.update(Action::FilterBackspace);
+        assert!(!app.quit);
+        app.update(Action::FilterApply);
+        let lines = app.visible_log();
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("memslot_add"), "{lines:?}");
+        app.update(Action::ToggleClass(Path::Memslot));
+        assert!(app.visible_log().is_empty());
+        app.update(Action::ToggleClass(Path::Memslot));
+        // A bad regex is reported, and the previous filter stays.
+        app.update(Action::FilterStart);
+        app.update(Action::FilterBackspace);
+        for c in "(".chars() {
+            app.update(Action::FilterInput(c));
+        }
+        app.update(Action::FilterApply);
+        assert!(app.filter_error.as_deref().unwrap().contains("bad filter"));
+        assert_eq!(app.visible_log().len(), 1);
+    }
+
+    #[test]
+    fn pause_freezes_the_log_not_the_totals() {
+        let mut app = App::new("test");
+        app.update(slot(1, 1));
+        app.update(Action::TogglePause);
+        app.update(slot(1, 2));
+        assert_eq!(app.log.len(), 1);
+        assert_eq!(app.overview.get(1).unwrap().stats.memslot_ops, 2);
+        app.update(Action::TogglePause);
+        app.update(slot(1, 3));
+        assert_eq!(app.log.len(), 2);
+    }
+
+    #[test]
+    fn views_cycle_and_enter_opens_the_detail() {
+        let mut app = App::new("test");
+        app.update(Action::Enter);
+        assert_eq!(app.view, View::Overview, "nothing to open");
+        app.update(pin(7, 1));
+        app.update(Action::Enter);
+        assert_eq!(app.view, View::Detail);
+        app.update(Action::NextView);
+        assert_eq!(app.view, View::Log);
+        app.update(Action::NextView);
+        app.update(Action::NextView);
+        assert_eq!(app.view, View::Overview);
+        app.update(Action::PrevView);
+        assert_eq!(app.view, View::Probes);
+        app.update(Action::ToggleHelp);
+        app.update(Action::Back);
+        assert!(!app.help);
+        assert_eq!(app.view, View::Probes);
+        app.update(Action::Back);
+        assert_eq!(app.view, View::Overview);
+        app.update(Action::Quit);
+        assert!(app.quit);
+    }
+
+    #[test]
+    fn window_and_rates() {
+        let mut app = App::new("test");
+        app.update(Action::SetWindow(5));
+        assert_eq!(app.window, 10, "at least 10 s");
+        app.update(Action::Tick(0));
+        for ts in 0..4 {
+            app.update(slot(1, ts));
+        }
+        app.update(Action::Tick(2_000_000_000));
+        let row = app.overview.get(1).unwrap();
+        assert_eq!(row.rates.memslot_ops, 2.0, "4 ops over 2 s");
+        app.update(Action::Tick(4_000_000_000));
+        assert_eq!(app.overview.get(1).unwrap().rates.memslot_ops, 0.0);
+    }
+}

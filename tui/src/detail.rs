@@ -1,0 +1,191 @@
+//! What the VM detail view shows beyond the totals: activity over time for the three seed
+//! paths, the current roots, the memslots, and huge-page coverage of pinned memory.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use tdpshare::event::{Event, EventKind, Memslot};
+
+/// Per-second activity of one path, newest last; `window` buckets kept.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    buckets: VecDeque<u64>,
+    /// The second (of event time) the last bucket covers.
+    last_second: Option<u64>,
+}
+
+impl Series {
+    fn add(&mut self, second: u64, n: u64, window: usize) {
+        match self.last_second {
+            Some(last) if second <= last => {
+                let back = (last - second) as usize;
+                let len = self.buckets.len();
+                if back < len {
+                    self.buckets[len - 1 - back] += n;
+                }
+            }
+            _ => {
+                let gap = self
+                    .last_second
+                    .map_or(1, |l| second - l)
+                    .min(window as u64) as usize;
+                for _ in 1..gap {
+                    self.buckets.push_back(0);
+                }
+                self.buckets.push_back(n);
+                self.last_second = Some(second);
+            }
+        }
+        while self.buckets.len() > window {
+            self.buckets.pop_front();
+        }
+    }
+
+    /// The buckets, oldest first.
+    pub fn values(&self) -> Vec<u64> {
+        self.buckets.iter().copied().collect()
+    }
+}
+
+/// A root the VM has now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveRoot {
+    pub level: u8,
+    pub smm: bool,
+    /// Event time it appeared.
+    pub since_ns: u64,
+}
+
+/// The detail of one VM.
+#[derive(Debug, Clone)]
+pub struct VmDetail {
+    /// Sparkline window, in seconds.
+    pub window: usize,
+    pub prepopulation: Series,
+    pub root_updates: Series,
+    pub iotlb_flushes: Series,
+    pub roots: BTreeMap<u64, LiveRoot>,
+    pub memslots: BTreeMap<(u8, u16), Memslot>,
+}
+
+impl Default for VmDetail {
+    fn default() -> Self {
+        Self::new(60)
+    }
+}
+
+impl VmDetail {
+    pub fn new(window: usize) -> Self {
+        Self {
+            window: window.max(1),
+            prepopulation: Series::default(),
+            root_updates: Series::default(),
+            iotlb_flushes: Series::default(),
+            roots: BTreeMap::new(),
+            memslots: BTreeMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, e: &Event) {
+        let second = e.ts_ns / 1_000_000_000;
+        let w = self.window;
+        match &e.kind {
+            EventKind::PrepopulateEnd { entries, .. } => {
+                self.prepopulation.add(second, *entries, w)
+            }
+            EventKind::RootAlloc(r) => {
+                self.root_updates.add(second, 1, w);
+                self.roots.insert(
+                    r.root,
+                    LiveRoot {
+                        level: r.level,
+                        smm: r.smm,
+                        since_ns: e.ts_ns,
+                    },
+                );
+            }
+            EventKind::RootFree(r) => {
+                if !self.roots.contains_key(&r.root) {
+                    // Live root frees do not say which root: the oldest of that address space.
+                    if let Some(&id) = self
+                        .roots
+                        .iter()
+                        .find(|(_, v)| v.smm == r.smm)
+                        .map(|(k, _)| k)
+                    {
+                        self.roots.remove(&id);
+                    }
+                } else {
+                    self.roots.remove(&r.root);
+                }
+            }
+            EventKind::IotlbFlush { .. } => self.iotlb_flushes.add(second, 1, w),
+            EventKind::MemslotAdd(s)
+            | EventKind::MemslotMove { slot: s, .. }
+            | EventKind::MemslotFlags { slot: s, .. } => {
+                self.memslots.insert((s.as_id, s.slot), *s);
+            }
+            EventKind::MemslotDelete(s) => {
+                self.memslots.remove(&(s.as_id, s.slot));
+            }
+            _ => {}
+        }
+        // Keep the three series aligned on the same last second.
+        for s in [
+            &mut self.prepopulation,
+            &mut self.root_updates,
+            &mut self.iotlb_flushes,
+        ] {
+            s.add(second, 0, w);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tdpshare::event::{Root, RootCause, Source};
+
+    #[test]
+    fn series_fill_gaps_and_keep_the_window() {
+        let mut s = Series::default();
+        s.add(0, 1, 3);
+        s.add(2, 5, 3);
+        assert_eq!(s.values(), vec![1, 0, 5]);
+        s.add(2, 1, 3);
+        s.add(1, 2, 3);
+        assert_eq!(s.values(), vec![1, 2, 6]);
+        s.add(10, 1, 3);
+        assert_eq!(s.values(), vec![0, 0, 1]);
+    }
+
+    #[test]
+    fn roots_come_and_go() {
+        let mut d = VmDetail::new(10);
+        let root = |root, smm| Root {
+            root,
+            level: 4,
+            smm,
+            cause: RootCause::Unknown,
+        };
+        d.record(&Event::new(
+            5,
+            1,
+            Source::Live,
+            EventKind::RootAlloc(root(1, false)),
+        ));
+        d.record(&Event::new(
+            6,
+            1,
+            Source::Live,
+            EventKind::RootAlloc(root(2, true)),
+        ));
+        d.record(&Event::new(
+            7,
+            1,
+            Source::Live,
+            EventKind::RootFree(root(0, false)),
+        ));
+        assert_eq!(d.roots.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(d.root_updates.values(), vec![2]);
+    }
+}

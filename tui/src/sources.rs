@@ -1,0 +1,335 @@
+//! Where sharetop's events come from: the live probes, a trace file, or the simulator — each on
+//! a thread of its own, sending [`Action`]s into one channel. Sources never read the app.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tdpshare::event::{Event, ShareMode};
+use tdpshare::sim::{RunOptions, Scenario, run_mode};
+use tdpshare::trace::TraceReader;
+use tdpshare_probes::loader::{LoadOptions, Session};
+
+use crate::app::{Action, ProbeRow};
+
+/// How a replayed stream is paced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// As fast as possible (headless `--once`).
+    Unpaced,
+    /// Event time runs `speed` times faster than wall time.
+    Speed(f64),
+    /// One event per step signal (`n` in the TUI).
+    Step,
+}
+
+/// The running sources: their threads, and what stops them.
+#[derive(Debug)]
+pub struct Sources {
+    pub stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    children: Vec<Child>,
+    /// Sends one step to a `Pace::Step` source.
+    pub step: Option<Sender<()>>,
+}
+
+impl Sources {
+    pub fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            children: Vec::new(),
+            step: None,
+        }
+    }
+
+    /// Have all sources finished?
+    pub fn finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Stops every source and the guest the demo started.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sends events paced by their timestamps; ticks every second of event time.
+fn pace_and_send(
+    events: impl Iterator<Item = Event>,
+    pace: Pace,
+    tx: &Sender<Action>,
+    stop: &AtomicBool,
+    step: Option<&Receiver<()>>,
+) {
+    let start = Instant::now();
+    let mut next_tick = 0u64;
+    for e in events {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match pace {
+            Pace::Unpaced => {}
+            Pace::Speed(speed) => {
+                let due = Duration::from_nanos((e.ts_ns as f64 / speed) as u64);
+                while start.elapsed() < due {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let event_now = (start.elapsed().as_nanos() as f64 * speed) as u64;
+                    if event_now >= next_tick {
+                        let _ = tx.send(Action::Tick(event_now));
+                        next_tick = event_now + 1_000_000_000;
+                    }
+                    std::thread::sleep((due - start.elapsed()).min(Duration::from_millis(50)));
+                }
+            }
+            Pace::Step => {
+                if step.is_some_and(|s| s.recv().is_err()) {
+                    return;
+                }
+            }
+        }
+        while e.ts_ns >= next_tick {
+            let _ = tx.send(Action::Tick(next_tick));
+            next_tick += 1_000_000_000;
+        }
+        if tx.send(Action::Event(e)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Replays a trace file.
+pub fn replay(
+    sources: &mut Sources,
+    path: PathBuf,
+    pace: Pace,
+    skip_unknown: bool,
+    tx: Sender<Action>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let reader = TraceReader::open(&path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .skip_unknown(skip_unknown);
+    let stop = sources.stop.clone();
+    let (step_tx, step_rx) = std::sync::mpsc::channel();
+    if pace == Pace::Step {
+        sources.step = Some(step_tx);
+    }
+    sources.threads.push(std::thread::spawn(move || {
+        let mut reader = reader;
+        let mut error = None;
+        let events = std::iter::from_fn(|| match reader.next()? {
+            Ok(e) => Some(e),
+            Err(e) => {
+                error = Some(e.to_string());
+                None
+            }
+        });
+        pace_and_send(events, pace, &tx, &stop, Some(&step_rx));
+        let note = match error {
+            Some(e) => format!("replay of {} stopped: {e}", path.display()),
+            None => format!("replay of {} finished", path.display()),
+        };
+        let _ = tx.send(Action::Note(note));
+    }));
+    Ok(())
+}
+
+/// Runs `scenario` in each mode and streams the events of all runs, merged by time, so that
+/// the whole run takes about `seconds` of wall time (or unpaced).
+pub fn simulate(
+    sources: &mut Sources,
+    scenario: Scenario,
+    modes: Vec<ShareMode>,
+    pace: Pace,
+    seconds: f64,
+    tx: Sender<Action>,
+) {
+    let stop = sources.stop.clone();
+    sources.threads.push(std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for (i, mode) in modes.iter().enumerate() {
+            let vm = 1000 + i as u64;
+            match run_mode(&scenario, *mode, vm, RunOptions::default()) {
+                Ok(run) => {
+                    let _ = tx.send(Action::VmName(vm, format!("sim {}", mode.name())));
+                    all.extend(run.events);
+                }
+                Err(e) => {
+                    let _ = tx.send(Action::Note(format!("simulation in {mode} failed: {e}")));
+                }
+            }
+        }
+        all.sort_by_key(|e| e.ts_ns);
+        let span = all.last().map_or(1, |e| e.ts_ns.max(1));
+        // Watched live, a simulated boot of a fraction of a second is stretched over the
+        // playback so that rates and sparklines show its course; headless keeps its own time.
+        let pace = match pace {
+            Pace::Speed(_) => {
+                let scale = seconds.max(0.1) * 1e9 / span as f64;
+                for e in &mut all {
+                    e.ts_ns = (e.ts_ns as f64 * scale) as u64;
+                }
+                let _ = tx.send(Action::Note(format!(
+                    "simulated time is stretched {scale:.0}x to play over {seconds} s"
+                )));
+                Pace::Speed(1.0)
+            }
+            other => other,
+        };
+        pace_and_send(all.into_iter(), pace, &tx, &stop, None);
+        let _ = tx.send(Action::Note(format!(
+            "simulation of {} finished",
+            scenario.name
+        )));
+    }));
+}
+
+/// The VM name in a VMM's command line (`-name guest=X,...` or `-name X`), else its program.
+pub fn vm_name(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if let Some(i) = args.iter().position(|a| a == "-name") {
+        let v = args.get(i + 1)?;
+        let v = v.strip_prefix("guest=").unwrap_or(v);
+        return Some(v.split(',').next().unwrap_or(v).to_owned());
+    }
+    args.first()
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
+}
+
+/// Is this process root (the probes need CAP_BPF and CAP_PERFMON)?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Watches the live kernel through the probes; `gate` (a guest waiting to start) is opened once
+/// the probes are attached.
+pub fn live(
+    sources: &mut Sources,
+    pid: Option<u32>,
+    gate: Option<std::process::ChildStdin>,
+    tx: Sender<Action>,
+) {
+    if !is_root() {
+        let _ = tx.send(Action::Note(
+            "not root: the live probes need CAP_BPF and CAP_PERFMON; run as root, or use \
+             --replay FILE or --simulate SCENARIO"
+                .into(),
+        ));
+    }
+    let stop = sources.stop.clone();
+    sources.threads.push(std::thread::spawn(move || {
+        let mut session = Session::start(&LoadOptions { pid, tracefs: None });
+        let rows: Vec<ProbeRow> = session
+            .statuses
+            .iter()
+            .map(|s| ProbeRow {
+                tracepoint: format!("{}:{}", s.probe.system, s.probe.event),
+                path: format!("{:?}", s.probe.path),
+                state: s.state.to_string(),
+            })
+            .collect();
+        let _ = tx.send(Action::Probes(rows));
+        if let Some(mut gate) = gate {
+            use std::io::Write;
+            let _ = gate.write_all(b"go\n");
+        }
+        for n in &session.notes {
+            let _ = tx.send(Action::Note(n.clone()));
+        }
+        if session.attached() == 0 {
+            let _ = tx.send(Action::Note(
+                "no probe attached: nothing live to show".into(),
+            ));
+            return;
+        }
+        let start = tdpshare_probes::loader::monotonic_ns();
+        let mut named = std::collections::HashSet::new();
+        let mut events = Vec::new();
+        let mut last_tick = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            session.poll(&mut events);
+            for e in events.drain(..) {
+                if named.insert(e.vm)
+                    && let Some(name) = u32::try_from(e.vm).ok().and_then(vm_name)
+                {
+                    let _ = tx.send(Action::VmName(e.vm, name));
+                }
+                if tx.send(Action::Event(e)).is_err() {
+                    return;
+                }
+            }
+            if last_tick.elapsed() >= Duration::from_secs(1) {
+                last_tick = Instant::now();
+                let now = tdpshare_probes::loader::monotonic_ns().saturating_sub(start);
+                let _ = tx.send(Action::Tick(now));
+                let _ = tx.send(Action::Drops(session.counters().drops));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }));
+}
+
+/// Starts a SeaBIOS guest under QEMU/KVM (ended with sharetop), gated so that the probes can
+/// be filtered to its pid before its first ioctl; returns its pid and the gate to open.
+pub fn start_guest(sources: &mut Sources) -> Option<(u32, std::process::ChildStdin)> {
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "read go; exec qemu-system-x86_64 -name guest=sharetop-demo -enable-kvm -m 1G \
+             -nographic -nodefaults -display none",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let gate = child.stdin.take()?;
+    let pid = child.id();
+    sources.children.push(child);
+    Some((pid, gate))
+}
+
+/// Why the demo cannot run a live guest here, if it cannot.
+pub fn live_guest_unavailable() -> Option<String> {
+    if !is_root() {
+        return Some("not root".into());
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Some("no /dev/kvm".into());
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Some("qemu-system-x86_64 is not installed".into());
+    }
+    None
+}

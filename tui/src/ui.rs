@@ -1,0 +1,440 @@
+//! Drawing the app: a header, one of four views, a footer with key hints, and the help overlay.
+//! Reads the [`App`], never changes it.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Clear, Paragraph, Row, Sparkline, Table, Wrap};
+use tdpshare::stats::Log2Histogram;
+
+use crate::app::{App, CLASSES, View};
+use crate::overview::{COLUMNS, VmRow};
+
+/// Draws everything.
+pub fn render(frame: &mut Frame<'_>, app: &App) {
+    let [header, body, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    render_header(frame, header, app);
+    match app.view {
+        View::Overview => render_overview(frame, body, app),
+        View::Detail => render_detail(frame, body, app),
+        View::Log => render_log(frame, body, app),
+        View::Probes => render_probes(frame, body, app),
+    }
+    render_footer(frame, footer, app);
+    if app.help {
+        render_help(frame, body);
+    }
+}
+
+fn render_header(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let tabs: Vec<Span<'_>> = View::ALL
+        .iter()
+        .flat_map(|v| {
+            let style = if *v == app.view {
+                Style::new().add_modifier(Modifier::REVERSED)
+            } else {
+                Style::new()
+            };
+            [
+                Span::styled(format!(" {} ", v.title()), style),
+                Span::raw(" "),
+            ]
+        })
+        .collect();
+    let mut spans = vec![Span::styled("sharetop ", Style::new().bold())];
+    spans.extend(tabs);
+    spans.push(Span::raw(format!(
+        "{} | {} VMs | {} events",
+        app.source,
+        app.overview.len(),
+        app.events
+    )));
+    if app.paused {
+        spans.push(Span::styled(
+            " PAUSED",
+            Style::new().fg(Color::Yellow).bold(),
+        ));
+    }
+    frame.render_widget(Line::from(spans), area);
+}
+
+fn render_footer(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let text = if let Some(input) = &app.filter_input {
+        format!("filter (regex, Enter to apply, Esc to cancel): {input}_")
+    } else if let Some(err) = &app.filter_error {
+        err.clone()
+    } else {
+        match app.view {
+            View::Overview => {
+                "q quit  ? help  Tab view  ↑↓ select  Enter detail  s/S sort  space pause  / filter"
+            }
+            View::Detail => "q quit  ? help  Esc back  ↑↓ other VM  +/- window  Tab view",
+            View::Log => {
+                "q quit  ? help  / filter  1-5 classes  space pause  ↑↓ PgUp PgDn scroll  Esc back"
+            }
+            View::Probes => "q quit  ? help  Tab view  Esc back",
+        }
+        .to_owned()
+    };
+    frame.render_widget(
+        Line::from(text).style(Style::new().fg(Color::DarkGray)),
+        area,
+    );
+}
+
+/// The columns that fit in `width`, always starting with vm and name.
+fn fitting_columns(width: u16, rows: &[&VmRow], sort: usize) -> Vec<(usize, u16)> {
+    let mut out = Vec::new();
+    let mut used = 0u16;
+    for (i, c) in COLUMNS.iter().enumerate() {
+        let w = rows
+            .iter()
+            .map(|r| (c.value)(r).text().len())
+            .chain([c.name.len()])
+            .max()
+            .unwrap_or(4)
+            .min(24) as u16
+            + u16::from(i == sort); // room for the sort mark
+        if used + w + 1 > width && out.len() >= 2 {
+            break;
+        }
+        used += w + 1;
+        out.push((i, w));
+    }
+    out
+}
+
+fn render_overview(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let rows = app.overview.rows(app.sort_column());
+    let block = Block::bordered().title(format!(" VMs — sorted by {} ", COLUMNS[app.sort].name));
+    if rows.is_empty() {
+        let mut lines = vec![Line::from("no VM seen yet")];
+        lines.extend(app.notes.iter().map(|n| Line::from(n.as_str())));
+        frame.render_widget(
+            Paragraph::new(lines).wrap(Wrap { trim: true }).block(block),
+            area,
+        );
+        return;
+    }
+    let cols = fitting_columns(area.width.saturating_sub(2), &rows, app.sort);
+    let header = Row::new(cols.iter().map(|&(i, _)| {
+        let name = COLUMNS[i].name;
+        if i == app.sort {
+            Cell::from(format!("{name}▼")).style(Style::new().bold().underlined())
+        } else {
+            Cell::from(name).style(Style::new().bold())
+        }
+    }));
+    let body: Vec<Row<'_>> = rows
+        .iter()
+        .map(|r| {
+            let row = Row::new(cols.iter().map(|&(i, _)| {
+                let v = (COLUMNS[i].value)(r);
+                let text = v.text();
+                if v.is_text() {
+                    Cell::from(text)
+                } else {
+                    Cell::from(Line::from(text).right_aligned())
+                }
+            }));
+            if Some(r.vm) == app.selected {
+                row.style(Style::new().add_modifier(Modifier::REVERSED))
+            } else {
+                row
+            }
+        })
+        .collect();
+    let widths: Vec<Constraint> = cols.iter().map(|&(_, w)| Constraint::Length(w)).collect();
+    frame.render_widget(Table::new(body, widths).header(header).block(block), area);
+}
+
+/// p50 / p99 / max of a histogram, in µs.
+fn quantiles(h: &Log2Histogram) -> String {
+    match (h.quantile(0.5), h.quantile(0.99)) {
+        (Some(p50), Some(p99)) => format!(
+            "n={} p50≤{:.1}µs p99≤{:.1}µs max {:.1}µs",
+            h.count,
+            p50 as f64 / 1e3,
+            p99 as f64 / 1e3,
+            h.max as f64 / 1e3
+        ),
+        _ => "no samples".into(),
+    }
+}
+
+/// A log2 histogram as a one-line bar per non-empty bucket range.
+fn histogram_lines(title: &str, h: &Log2Histogram, width: u16) -> Vec<Line<'static>> {
+    let mut lines = vec![Line::from(vec![
+        Span::styled(format!("{title}: "), Style::new().bold()),
+        Span::raw(quantiles(h)),
+    ])];
+    let max = h.buckets.iter().copied().max().unwrap_or(0);
+    if max == 0 {
+        return lines;
+    }
+    let bar_width = width.saturating_sub(22).max(4) as u64;
+    for (b, &n) in h.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
+        let lo = if b == 0 { 0 } else { 1u64 << b };
+        let bar = "█".repeat(((n * bar_width).div_ceil(max)) as usize);
+        lines.push(Line::from(format!("{:>9} {bar} {n}", human_ns(lo))));
+    }
+    lines
+}
+
+fn human_ns(ns: u64) -> String {
+    match ns {
+        n if n >= 1_000_000_000 => format!("{}s", n / 1_000_000_000),
+        n if n >= 1_000_000 => format!("{}ms", n / 1_000_000),
+        n if n >= 1_000 => format!("{}µs", n / 1_000),
+        n => format!("{n}ns"),
+    }
+}
+
+fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let Some(row) = app.selected.and_then(|vm| app.overview.get(vm)) else {
+        frame.render_widget(
+            Paragraph::new("no VM selected: pick one in the overview").block(Block::bordered()),
+            area,
+        );
+        return;
+    };
+    let title = if row.name.is_empty() {
+        format!(" VM {} ", row.vm)
+    } else {
+        format!(" VM {} — {} ", row.vm, row.name)
+    };
+    let outer = Block::bordered().title(title);
+    let inner = outer.inner(area);
+    frame.render_widget(outer, area);
+    let [sparks, rest] = Layout::vertical([Constraint::Length(6), Constraint::Min(3)]).areas(inner);
+    let [s1, s2, s3] = Layout::vertical([Constraint::Length(2); 3]).areas(sparks);
+    let d = &row.detail;
+    for (rect, title, series) in [
+        (s1, "pre-population (entries/s)", &d.prepopulation),
+        (s2, "root updates (/s)", &d.root_updates),
+        (s3, "IOTLB flushes (/s)", &d.iotlb_flushes),
+    ] {
+        let values = series.values();
+        let last = values.last().copied().unwrap_or(0);
+        let [label, spark] =
+            Layout::horizontal([Constraint::Length(34), Constraint::Min(4)]).areas(rect);
+        frame.render_widget(
+            Line::from(format!("{title} {last:>6}")).style(Style::new().bold()),
+            label,
+        );
+        let shown: Vec<u64> = values
+            .iter()
+            .rev()
+            .take(spark.width as usize)
+            .rev()
+            .copied()
+            .collect();
+        frame.render_widget(
+            Sparkline::default()
+                .data(&shown)
+                .style(Style::new().fg(Color::Cyan)),
+            spark,
+        );
+    }
+    let wide = rest.width >= 120;
+    let (left, right) = if wide {
+        let [l, r] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)])
+            .areas(rest);
+        (l, Some(r))
+    } else {
+        (rest, None)
+    };
+    let s = &row.stats;
+    let mut lines = Vec::new();
+    lines.extend(histogram_lines("pre-population", &s.prepop_ns, left.width));
+    lines.extend(histogram_lines(
+        "IOTLB flush",
+        &s.iotlb_flush_ns,
+        left.width,
+    ));
+    lines.extend(histogram_lines("DMA map", &s.dma_map_ns, left.width));
+    let pinned = s.pinned_pages;
+    let [e4k, e2m, e1g] = s.prepop_entries_by_size;
+    let covered = e4k + e2m * 512 + e1g * 512 * 512;
+    let pct = |n: u64| {
+        if covered == 0 {
+            0.0
+        } else {
+            n as f64 * 100.0 / covered as f64
+        }
+    };
+    lines.push(Line::from(vec![
+        Span::styled("huge pages: ", Style::new().bold()),
+        Span::raw(format!(
+            "4K {:.1}% 2M {:.1}% 1G {:.1}% of pre-populated memory; {:.1} MiB pinned",
+            pct(e4k),
+            pct(e2m * 512),
+            pct(e1g * 512 * 512),
+            pinned as f64 / 256.0
+        )),
+    ]));
+    let mut tables = Vec::new();
+    let now = row.stats.last_ts_ns;
+    tables.push(Line::from(Span::styled(
+        format!("roots ({}):", d.roots.len()),
+        Style::new().bold(),
+    )));
+    for (id, r) in &d.roots {
+        tables.push(Line::from(format!(
+            "  #{id} level {} {} age {:.3}s",
+            r.level,
+            if r.smm { "SMM" } else { "normal" },
+            now.saturating_sub(r.since_ns) as f64 / 1e9
+        )));
+    }
+    tables.push(Line::from(Span::styled(
+        format!("memslots ({}):", d.memslots.len()),
+        Style::new().bold(),
+    )));
+    for m in d.memslots.values() {
+        tables.push(Line::from(format!(
+            "  {}:{:<3} {:#011x} {:>9.1} MiB flags {:#x}",
+            m.as_id,
+            m.slot,
+            m.gpa,
+            m.size as f64 / (1 << 20) as f64,
+            m.flags
+        )));
+    }
+    match right {
+        Some(r) => {
+            frame.render_widget(Paragraph::new(lines), left);
+            frame.render_widget(Paragraph::new(tables).block(Block::new()), r);
+        }
+        None => {
+            lines.extend(tables);
+            frame.render_widget(Paragraph::new(lines), left);
+        }
+    }
+}
+
+fn render_log(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let lines = app.visible_log();
+    let classes: Vec<String> = CLASSES
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let on = if app.classes.contains(p) { "x" } else { " " };
+            format!("{}[{on}]{p:?}", i + 1)
+        })
+        .collect();
+    let filter = app
+        .filter
+        .as_ref()
+        .map(|f| format!(" /{}/", f.as_str()))
+        .unwrap_or_default();
+    let block = Block::bordered().title(format!(
+        " {} lines{filter} — {} ",
+        lines.len(),
+        classes.join(" ")
+    ));
+    let height = block.inner(area).height as usize;
+    let end = lines.len().saturating_sub(app.log_offset.min(lines.len()));
+    let start = end.saturating_sub(height);
+    let shown: Vec<Line<'_>> = lines[start..end]
+        .iter()
+        .map(|l| Line::from(l.as_str()))
+        .collect();
+    frame.render_widget(Paragraph::new(shown).block(block), area);
+}
+
+fn render_probes(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let [table, info] = Layout::vertical([
+        Constraint::Min(3),
+        Constraint::Length(3 + app.notes.len().min(6) as u16),
+    ])
+    .areas(area);
+    let rows: Vec<Row<'_>> = app
+        .probes
+        .iter()
+        .map(|p| {
+            let color = if p.state == "attached" {
+                Color::Green
+            } else if p.state.starts_with("absent") {
+                Color::DarkGray
+            } else {
+                Color::Red
+            };
+            Row::new([
+                Cell::from(p.tracepoint.as_str()),
+                Cell::from(p.path.as_str()),
+                Cell::from(p.state.as_str()).style(Style::new().fg(color)),
+            ])
+        })
+        .collect();
+    let title = if app.probes.is_empty() {
+        " Probes — none (not a live source) ".to_owned()
+    } else {
+        format!(
+            " Probes — {} of {} attached ",
+            app.probes.iter().filter(|p| p.state == "attached").count(),
+            app.probes.len()
+        )
+    };
+    frame.render_widget(
+        Table::new(
+            rows,
+            [
+                Constraint::Length(38),
+                Constraint::Length(14),
+                Constraint::Min(10),
+            ],
+        )
+        .header(Row::new(["tracepoint", "path", "state"]).style(Style::new().bold()))
+        .block(Block::bordered().title(title)),
+        table,
+    );
+    let mut lines = vec![Line::from(format!(
+        "ring-buffer drops: {}   sharetop CPU: {:.1}%",
+        app.drops, app.cpu_percent
+    ))];
+    lines.extend(app.notes.iter().map(|n| Line::from(n.as_str())));
+    frame.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: true })
+            .block(Block::bordered()),
+        info,
+    );
+}
+
+fn render_help(frame: &mut Frame<'_>, area: Rect) {
+    let text = [
+        "q            quit",
+        "?            this help (Esc closes)",
+        "Tab / S-Tab  next / previous view",
+        "↑ ↓  k j     select a VM; scroll the log",
+        "Enter        open the selected VM",
+        "Esc          back to the overview",
+        "s / S        sort by the next / previous column",
+        "space        pause the log",
+        "/            filter the log (regex)",
+        "1-5          log classes: pre-population, root update, IOMMU, memslot, sharing",
+        "+ / -        sparkline window",
+        "PgUp PgDn    scroll the log by a page",
+    ];
+    let w = (text.iter().map(|l| l.len()).max().unwrap_or(40) as u16 + 4).min(area.width);
+    let h = (text.len() as u16 + 2).min(area.height);
+    let rect = Rect {
+        x: area.x + (area.width.saturating_sub(w)) / 2,
+        y: area.y + (area.height.saturating_sub(h)) / 2,
+        width: w,
+        height: h,
+    };
+    frame.render_widget(Clear, rect);
+    frame.render_widget(
+        Paragraph::new(text.iter().map(|l| Line::from(*l)).collect::<Vec<_>>())
+            .block(Block::bordered().title(" keys ")),
+        rect,
+    );
+}

@@ -1,0 +1,153 @@
+//! The binary: its --help, headless output, clear errors, and one PTY smoke test of the TUI.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn sharetop() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sharetop"))
+}
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../fixtures/traces/live-seabios-qemu-512m.jsonl"
+);
+
+#[test]
+fn help() {
+    let out = sharetop().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn once_prints_the_same_fields_in_every_format() {
+    let run = |format: &str| {
+        let out = sharetop()
+            .args(["--replay", FIXTURE, "--once", "--format", format])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let csv = run("csv");
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    let row = json[0].as_object().unwrap();
+    assert_eq!(header.len(), row.len());
+    assert!(header.iter().all(|h| row.contains_key(*h)));
+    assert_eq!(row["memslot_ops"], 30);
+    assert_eq!(row["fast_zaps"], 12);
+    let table = run("table");
+    assert!(table.lines().next().unwrap().contains("memslot_ops"));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let out = sharetop()
+        .args(["--replay", "/nonexistent.jsonl", "--once"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot open trace /nonexistent.jsonl"),
+        "{err}"
+    );
+    let out = sharetop()
+        .args(["--replay", FIXTURE, "--once", "--sort", "nope"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no column \"nope\"; columns are vm, name"),
+        "{err}"
+    );
+}
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux").args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(session: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let screen = tmux(&["capture-pane", "-p", "-t", session]);
+        if screen.contains(needle) || start.elapsed() > Duration::from_secs(15) {
+            return screen;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The real binary in a real terminal (tmux): start a replay, press keys, quit cleanly.
+#[test]
+fn pty_smoke_test() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        println!("skipped: tmux is not installed");
+        return;
+    }
+    let session = format!("sharetop-smoke-{}", std::process::id());
+    let done = std::env::temp_dir().join(format!("{session}.exit"));
+    let _ = std::fs::remove_file(&done);
+    let cmd = format!(
+        "{} --replay {FIXTURE} --speed 1000; echo $? > {}; sleep 30",
+        env!("CARGO_BIN_EXE_sharetop"),
+        done.display()
+    );
+    tmux(&["-L", &session, "kill-server"]);
+    let ok = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &cmd,
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let screen = wait_for(&session, "17765");
+    assert!(
+        screen.contains("Overview") && screen.contains("17765"),
+        "{screen}"
+    );
+    tmux(&["send-keys", "-t", &session, "Enter"]);
+    let screen = wait_for(&session, "memslots (");
+    assert!(screen.contains("VM 17765"), "{screen}");
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "/",
+        "f",
+        "a",
+        "s",
+        "t",
+        "Enter",
+    ]);
+    let screen = wait_for(&session, "/fast/");
+    assert!(screen.contains("fast_zap"), "{screen}");
+    tmux(&["send-keys", "-t", &session, "?"]);
+    assert!(wait_for(&session, " keys ").contains("quit"));
+    tmux(&["send-keys", "-t", &session, "Escape", "q"]);
+    let start = Instant::now();
+    while !done.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let code = std::fs::read_to_string(&done).unwrap_or_default();
+    let after = tmux(&["capture-pane", "-p", "-t", &session]);
+    tmux(&["kill-session", "-t", &session]);
+    let _ = std::fs::remove_file(&done);
+    assert_eq!(code.trim(), "0", "sharetop did not exit cleanly");
+    // The terminal was restored: the alternate screen is gone.
+    assert!(!after.contains("Overview"), "{after}");
+}

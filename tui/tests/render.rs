@@ -1,0 +1,157 @@
+//! Render snapshots of every view at 80x24 and 160x48, fed by a fixed trace: the live
+//! recording of a QEMU/KVM guest on this project's machine, plus a fixed set of
+//! simulator-style events (pre-population, flushes, pins, maps) so every pane has data.
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use sharetop::app::{Action, App, ProbeRow, View};
+use tdpshare::event::{
+    Event, EventKind, FlushScope, GpaRange, PageSize, PrepopCause, Root, RootCause, Source,
+};
+use tdpshare::trace::TraceReader;
+
+fn fixture_app() -> App {
+    let mut app = App::new("replay fixtures/traces/live-seabios-qemu-512m.jsonl");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/traces/live-seabios-qemu-512m.jsonl"
+    );
+    for e in TraceReader::open(path).unwrap() {
+        app.update(Action::Event(e.unwrap()));
+    }
+    app.update(Action::VmName(17765, "seabios".into()));
+    let sim = 1000;
+    app.update(Action::VmName(sim, "sim pin_prepopulate".into()));
+    let ev = |ts: u64, kind| Action::Event(Event::new(ts, sim, Source::Simulator, kind));
+    app.update(Action::Tick(0));
+    for i in 0..12u64 {
+        let ts = i * 1_000_000_000;
+        app.update(ev(
+            ts,
+            EventKind::RootAlloc(Root {
+                root: i + 1,
+                level: 4,
+                smm: false,
+                cause: RootCause::MemslotChange,
+            }),
+        ));
+        app.update(ev(
+            ts + 1,
+            EventKind::PrepopulateEnd {
+                range: GpaRange::new(0, 8 << 30),
+                page_size: PageSize::Size2M,
+                cause: PrepopCause::NewRoot,
+                entries: 4096 + i * 100,
+                ns: 700_000 + i * 20_000,
+            },
+        ));
+        for k in 0..(i % 4 + 1) {
+            app.update(ev(
+                ts + 2 + k,
+                EventKind::IotlbFlush {
+                    scope: FlushScope::Domain,
+                    domain: Some(1),
+                    range: None,
+                    ns: 1_100,
+                },
+            ));
+        }
+        app.update(ev(
+            ts + 10,
+            EventKind::IommuMap {
+                iova: i << 30,
+                size: 1 << 30,
+                ns: 2_000_000 + i * 50_000,
+            },
+        ));
+        if i > 0 {
+            app.update(ev(
+                ts + 11,
+                EventKind::RootFree(Root {
+                    root: i,
+                    level: 4,
+                    smm: false,
+                    cause: RootCause::MemslotChange,
+                }),
+            ));
+        }
+        app.update(Action::Tick(ts + 999_999_999));
+    }
+    app.update(ev(
+        12_000_000_000,
+        EventKind::Pin {
+            range: GpaRange::new(0, 8 << 30),
+            pages: 2 << 20,
+        },
+    ));
+    app.update(Action::Probes(vec![
+        ProbeRow {
+            tracepoint: "kvmmmu:kvm_mmu_get_page".into(),
+            path: "RootUpdate".into(),
+            state: "attached".into(),
+        },
+        ProbeRow {
+            tracepoint: "intel_iommu:qi_submit".into(),
+            path: "Iommu".into(),
+            state: "absent".into(),
+        },
+        ProbeRow {
+            tracepoint: "tdpshare:prepopulate".into(),
+            path: "Prepopulation".into(),
+            state: "absent".into(),
+        },
+    ]));
+    app.update(Action::Drops(3));
+    app.update(Action::SelfCpu(1.5));
+    app.update(Action::Note("recorded on this project's machine".into()));
+    app
+}
+
+fn render(app: &App, w: u16, h: u16) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal.draw(|f| sharetop::ui::render(f, app)).unwrap();
+    terminal.backend().to_string()
+}
+
+fn snapshots(size: (u16, u16)) {
+    let (w, h) = size;
+    let mut app = fixture_app();
+    // Overview, sorted by pre-populations; the simulated VM selected.
+    while sharetop::overview::COLUMNS[app.sort].name != "prepops" {
+        app.update(Action::SortNext);
+    }
+    app.selected = Some(1000);
+    insta::assert_snapshot!(format!("overview_{w}x{h}"), render(&app, w, h));
+    app.update(Action::Enter);
+    assert_eq!(app.view, View::Detail);
+    insta::assert_snapshot!(format!("detail_{w}x{h}"), render(&app, w, h));
+    app.update(Action::NextView);
+    app.update(Action::FilterStart);
+    for c in "memslot_add".chars() {
+        app.update(Action::FilterInput(c));
+    }
+    app.update(Action::FilterApply);
+    insta::assert_snapshot!(format!("log_{w}x{h}"), render(&app, w, h));
+    app.update(Action::NextView);
+    insta::assert_snapshot!(format!("probes_{w}x{h}"), render(&app, w, h));
+    app.update(Action::ToggleHelp);
+    insta::assert_snapshot!(format!("help_{w}x{h}"), render(&app, w, h));
+}
+
+#[test]
+fn views_at_80x24() {
+    snapshots((80, 24));
+}
+
+#[test]
+fn views_at_160x48() {
+    snapshots((160, 48));
+}
+
+#[test]
+fn tiny_terminals_do_not_panic() {
+    let app = fixture_app();
+    for (w, h) in [(1, 1), (10, 3), (20, 5), (40, 8)] {
+        render(&app, w, h);
+    }
+}
