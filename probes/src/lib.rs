@@ -9,4 +9,5 @@ pub mod btf;
 pub mod catalog;
 pub mod decode;
 pub mod loader;
+pub mod record;
 pub mod tracefs;

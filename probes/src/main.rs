@@ -6,14 +6,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tdpshare::event::Source;
-use tdpshare::trace::{Header, TraceFile};
-use tdpshare_probes::catalog;
-use tdpshare_probes::loader::{LoadOptions, Session, kernel_release, status_table};
+use tdpshare_probes::loader::{LoadOptions, Session, status_table};
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -64,50 +61,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn record(output: PathBuf, pid: Option<u32>, duration: Option<f64>) -> anyhow::Result<()> {
-    let mut session = Session::start(&LoadOptions { pid, tracefs: None });
-    for n in &session.notes {
-        eprintln!("note: {n}");
-    }
-    eprint!("{}", status_table(&session.statuses));
-    if session.attached() == 0 {
-        anyhow::bail!("no probe attached: nothing to record (see the table above)");
-    }
-    let header = Header::new(Source::Live, kernel_release());
-    let mut trace = TraceFile::create(&output, &header)
-        .with_context(|| format!("creating {}", output.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .context("installing the Ctrl-C handler")?;
-    let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
     eprintln!("recording to {} ...", output.display());
-    let mut events = Vec::new();
-    loop {
-        let done = stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d);
-        session.poll(&mut events);
-        for e in events.drain(..) {
-            trace.write(&e)?;
-        }
-        if done {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let n = trace
-        .finish()
-        .with_context(|| format!("finishing {}", output.display()))?;
-    let counters = session.counters();
-    let (undecodable, uneventful) = session.undecodable();
-    eprintln!(
-        "{n} events from {} records written to {} ({} dropped in the kernel, {undecodable} undecodable, {uneventful} without event)",
-        session.records(),
-        output.display(),
-        counters.drops
-    );
-    let mut counts: Vec<_> = counters.counts.into_iter().collect();
-    counts.sort();
-    for ((tgid, probe), n) in counts {
-        eprintln!("  pid {tgid:>7}  {:<28} {n}", catalog::id_name(probe));
+    let summary = tdpshare_probes::record::record(
+        &output,
+        pid,
+        duration.map(Duration::from_secs_f64),
+        &stop,
+        |s| eprint!("{s}"),
+    )
+    .with_context(|| format!("recording to {}", output.display()))?;
+    for line in summary.lines(&output) {
+        eprintln!("{line}");
     }
     Ok(())
 }

@@ -1,0 +1,98 @@
+//! The recorder: live events into a trace file, until a deadline or a stop flag.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tdpshare::event::Source;
+use tdpshare::trace::{Header, TraceError, TraceFile};
+
+use crate::catalog;
+use crate::loader::{KernelCounters, LoadOptions, Session, kernel_release, status_table};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("no probe attached: nothing to record\n{table}")]
+    NothingAttached { table: String },
+    #[error("cannot write the trace")]
+    Trace(#[from] TraceError),
+}
+
+/// What a recording did.
+#[derive(Debug, Clone)]
+pub struct RecordSummary {
+    pub events: u64,
+    pub records: u64,
+    pub undecodable: u64,
+    pub uneventful: u64,
+    pub counters: KernelCounters,
+}
+
+impl RecordSummary {
+    /// The summary as lines for the user.
+    pub fn lines(&self, output: &Path) -> Vec<String> {
+        let mut out = vec![format!(
+            "{} events from {} records written to {} ({} dropped in the kernel, {} undecodable, {} without event)",
+            self.events,
+            self.records,
+            output.display(),
+            self.counters.drops,
+            self.undecodable,
+            self.uneventful
+        )];
+        let mut counts: Vec<_> = self.counters.counts.iter().collect();
+        counts.sort();
+        for ((tgid, probe), n) in counts {
+            out.push(format!(
+                "  pid {tgid:>7}  {:<28} {n}",
+                catalog::id_name(*probe)
+            ));
+        }
+        out
+    }
+}
+
+/// Records live events of `pid` (all processes when `None`) into `output` until `duration`
+/// passes or `stop` is set; `status` receives the probe status table and notes first. The
+/// trace appears under its name only when complete (`TraceFile`).
+pub fn record(
+    output: &Path,
+    pid: Option<u32>,
+    duration: Option<Duration>,
+    stop: &AtomicBool,
+    mut status: impl FnMut(&str),
+) -> Result<RecordSummary, RecordError> {
+    let mut session = Session::start(&LoadOptions { pid, tracefs: None });
+    for n in &session.notes {
+        status(&format!("note: {n}\n"));
+    }
+    let table = status_table(&session.statuses);
+    if session.attached() == 0 {
+        return Err(RecordError::NothingAttached { table });
+    }
+    status(&table);
+    let header = Header::new(Source::Live, kernel_release());
+    let mut trace = TraceFile::create(output, &header)?;
+    let deadline = duration.map(|d| Instant::now() + d);
+    let mut events = Vec::new();
+    loop {
+        let done = stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d);
+        session.poll(&mut events);
+        for e in events.drain(..) {
+            trace.write(&e)?;
+        }
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events = trace.finish()?;
+    let (undecodable, uneventful) = session.undecodable();
+    Ok(RecordSummary {
+        events,
+        records: session.records(),
+        undecodable,
+        uneventful,
+        counters: session.counters(),
+    })
+}
