@@ -315,11 +315,23 @@ where
         }
     }
 
-    /// Points the IOMMU at `pa` (root-update notification) and flushes the domain.
-    fn notify_root(&mut self, root: RootId, pa: PhysAddr, cause: RootCause) {
+    /// Points the IOMMU at table `pa` and flushes the whole domain (which covers any range
+    /// flush pending in this operation).
+    fn switch_iommu_table(&mut self, pa: PhysAddr) {
         let out = self.domain.set_root(pa);
         self.clock.charge(out.cost_ns);
         self.totals.flush_ns += out.cost_ns;
+        self.emit(EventKind::IotlbFlush {
+            scope: crate::event::FlushScope::Domain,
+            domain: Some(u32::from(self.domain.id)),
+            range: None,
+            ns: out.cost_ns,
+        });
+        self.pending_flush = None;
+    }
+
+    /// The root-update notification: the IOMMU walks `root` from now on.
+    fn notify_root(&mut self, root: RootId, pa: PhysAddr, cause: RootCause) {
         let level = self.domain.walker().format.levels;
         self.emit(EventKind::RootSwitch(RootEvent {
             root: root.0,
@@ -327,14 +339,7 @@ where
             smm: false,
             cause,
         }));
-        self.emit(EventKind::IotlbFlush {
-            scope: crate::event::FlushScope::Domain,
-            domain: Some(u32::from(self.domain.id)),
-            range: None,
-            ns: out.cost_ns,
-        });
-        // A pending range flush is covered by the domain flush.
-        self.pending_flush = None;
+        self.switch_iommu_table(pa);
     }
 
     // ---- roots ---------------------------------------------------------------------------
@@ -516,16 +521,7 @@ where
         let Some(session) = self.session else {
             return Err(SharingError::State("sharing is not on"));
         };
-        let out = self.domain.set_root(self.fallback_root);
-        self.totals.flush_ns += out.cost_ns;
-        self.clock.charge(out.cost_ns);
-        self.emit(EventKind::IotlbFlush {
-            scope: crate::event::FlushScope::Domain,
-            domain: Some(u32::from(self.domain.id)),
-            range: None,
-            ns: out.cost_ns,
-        });
-        self.pending_flush = None;
+        self.switch_iommu_table(self.fallback_root);
         if let Some((mut mmu, root)) = self.separate.take() {
             mmu.free_root(root, RootCause::Released)?;
         }

@@ -3,14 +3,9 @@
 //! - `status`: attach every probe and print what became of each.
 //! - `record -o FILE [--pid P] [--duration S]`: record events in the trace format.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tdpshare_probes::loader::{LoadOptions, Session, status_table};
+use tdpshare_probes::record::RecordArgs;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -24,17 +19,7 @@ enum Command {
     /// Attach every probe and print the status of each.
     Status,
     /// Record events into a trace file (tdpshare trace format).
-    Record {
-        /// The trace to write (appears when the recording ends; FILE.partial meanwhile).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Only this VMM process.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Stop after this many seconds (default: at Ctrl-C).
-        #[arg(long)]
-        duration: Option<f64>,
-    },
+    Record(RecordArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,31 +36,7 @@ fn main() -> anyhow::Result<()> {
                 session.statuses.len()
             );
         }
-        Command::Record {
-            output,
-            pid,
-            duration,
-        } => record(output, pid, duration)?,
-    }
-    Ok(())
-}
-
-fn record(output: PathBuf, pid: Option<u32>, duration: Option<f64>) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
-    eprintln!("recording to {} ...", output.display());
-    let summary = tdpshare_probes::record::record(
-        &output,
-        pid,
-        duration.map(Duration::from_secs_f64),
-        &stop,
-        |s| eprint!("{s}"),
-    )
-    .with_context(|| format!("recording to {}", output.display()))?;
-    for line in summary.lines(&output) {
-        eprintln!("{line}");
+        Command::Record(args) => tdpshare_probes::record::run(&args)?,
     }
     Ok(())
 }

@@ -52,6 +52,42 @@ impl RecordSummary {
     }
 }
 
+/// The command-line arguments of `record` (shared by `tdpshare-probe` and `sharetop`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecordArgs {
+    /// The trace to write (appears when the recording ends; FILE.partial meanwhile).
+    #[arg(short, long)]
+    pub output: std::path::PathBuf,
+    /// Only this VMM process.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Stop after this many seconds (default: at Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+/// The `record` command: records until the duration passes or Ctrl-C, reporting on stderr.
+pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    eprintln!("recording to {} ...", args.output.display());
+    let summary = record(
+        &args.output,
+        args.pid,
+        args.duration.map(Duration::from_secs_f64),
+        &stop,
+        |s| eprint!("{s}"),
+    )
+    .with_context(|| format!("recording to {}", args.output.display()))?;
+    for line in summary.lines(&args.output) {
+        eprintln!("{line}");
+    }
+    Ok(())
+}
+
 /// Records live events of `pid` (all processes when `None`) into `output` until `duration`
 /// passes or `stop` is set; `status` receives the probe status table and notes first. The
 /// trace appears under its name only when complete (`TraceFile`).

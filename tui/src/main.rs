@@ -48,17 +48,7 @@ impl From<Mode> for ShareMode {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Record live events into a trace file, without the TUI (needs root).
-    Record {
-        /// The trace to write (appears when the recording ends; FILE.partial meanwhile).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Only this VMM process.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Stop after this many seconds (default: at Ctrl-C).
-        #[arg(long)]
-        duration: Option<f64>,
-    },
+    Record(tdpshare_probes::record::RecordArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -331,38 +321,13 @@ fn tui(mut app: App, rx: Receiver<Action>, srcs: Sources) -> anyhow::Result<()> 
     result
 }
 
-fn record(output: &std::path::Path, pid: Option<u32>, duration: Option<f64>) -> anyhow::Result<()> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
-    if !sources::is_root() {
-        eprintln!("not root: the probes need CAP_BPF and CAP_PERFMON");
-    }
-    eprintln!("recording to {} ...", output.display());
-    let summary = tdpshare_probes::record::record(
-        output,
-        pid,
-        duration.map(Duration::from_secs_f64),
-        &stop,
-        |s| eprint!("{s}"),
-    )
-    .with_context(|| format!("recording to {}", output.display()))?;
-    for line in summary.lines(output) {
-        eprintln!("{line}");
-    }
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Cmd::Record {
-        output,
-        pid,
-        duration,
-    }) = &cli.command
-    {
-        return record(output, *pid, *duration);
+    if let Some(Cmd::Record(args)) = &cli.command {
+        if !sources::is_root() {
+            eprintln!("not root: the probes need CAP_BPF and CAP_PERFMON");
+        }
+        return tdpshare_probes::record::run(args);
     }
     if cli.step && (cli.once || cli.interval.is_some()) {
         bail!("--step needs the interactive view; drop --once / --interval");
