@@ -78,8 +78,13 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
                 out.add(o);
                 largest = largest.max(level);
             }
-            // Already covered by a larger leaf (a fault got there first).
-            Err(MmuError::Occupied { level: l, .. }) if l > level => {}
+            // Already covered by a larger leaf (a fault got there first): it stays, but it maps
+            // pinned memory now and must be guarded as such.
+            Err(MmuError::Occupied { level: l, .. }) if l > level => {
+                if template.attrs.pinned {
+                    out.add(mmu.set_pinned(root, start, len, true)?);
+                }
+            }
             // Smaller leaves are in the way: one level down, in place.
             Err(MmuError::Occupied { .. }) if level > 1 => {
                 let small = PteFormat::frames(level - 1);
@@ -334,6 +339,40 @@ mod tests {
         let (leaves, _) = run(0, 1024, 0x40_0000_1000, 3);
         assert!(leaves.iter().all(|(_, l)| *l == 1));
         assert_eq!(leaves.len(), 1024);
+    }
+
+    #[test]
+    fn a_larger_leaf_in_the_way_becomes_pinned() {
+        let arena = Arena::new(64).unwrap();
+        let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
+        let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+        let huge = Mapping {
+            gfn: 0,
+            frames: 512,
+            hpa: 0x40_0000_0000,
+            level: 2,
+            perms: Perms::RW,
+            attrs: LeafAttrs::default(),
+        };
+        mmu.map(root, &huge).unwrap();
+        let pinned = LeafAttrs {
+            pinned: true,
+            ..LeafAttrs::default()
+        };
+        // A 4 KiB-only population of part of it (e.g. a slot with dirty logging).
+        let t = Mapping {
+            gfn: 8,
+            frames: 8,
+            hpa: 0x40_0000_8000,
+            level: 1,
+            attrs: pinned,
+            ..huge
+        };
+        populate_range(&mut mmu, root, t, 1).unwrap();
+        let leaf = mmu.lookup(root, 8).unwrap().unwrap();
+        assert_eq!(leaf.level, 2);
+        assert!(leaf.attrs.pinned, "the covering huge leaf is now guarded");
+        assert!(mmu.zap(root, 0, 512, false).is_err());
     }
 
     #[test]
