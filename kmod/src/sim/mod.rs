@@ -6,7 +6,7 @@
 //! building is *measured* (it is the real code on real table memory), pinning is *modelled*
 //! or, with `real_memory`, *measured* with `mlock`, IOTLB flushes are *modelled*.
 //!
-//! [`SharingVm`]: crate::sharing::SharingVm
+//! [`SharingVm`]: crate::sharing::engine::SharingVm
 
 pub mod run;
 pub mod scenario;

@@ -3,20 +3,20 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use crate::clock::{Clock, ManualClock, MonotonicClock};
-use crate::dirty::DirtyTracking;
+use crate::decision::format::PteFormat;
+use crate::decision::policy as mode;
+use crate::event::clock::{Clock, ManualClock, MonotonicClock};
+use crate::event::stats::VmStats;
 use crate::event::{Event, EventSink, ShareMode, VmId};
-use crate::format::PteFormat;
-use crate::handshake;
-use crate::iommu::{DmaWalker, IommuDomain};
-use crate::iotlb::{CostModel, Iotlb};
-use crate::mode;
-use crate::page_alloc::{Arena, PageAllocator};
-use crate::pin::{CostSource, ModelledPinner, PinCostModel, Pinner, RealMemoryPinner};
-use crate::sharing::{SharingError, SharingVm, Totals};
+use crate::iommu::iotlb::{CostModel, Iotlb};
+use crate::iommu::walker::{DmaWalker, IommuDomain};
+use crate::sharing::dirty::DirtyTracking;
+use crate::sharing::engine::{SharingError, SharingVm, Totals};
+use crate::sharing::handshake;
+use crate::sharing::pin::{CostSource, ModelledPinner, PinCostModel, Pinner, RealMemoryPinner};
+use crate::sharing::vm::{Memslot, MmioRange, SlotKind, Vm};
 use crate::sim::scenario::{Action, Scenario, Step};
-use crate::stats::VmStats;
-use crate::vm::{Memslot, MmioRange, SlotKind, Vm};
+use crate::table::page_alloc::{Arena, PageAllocator};
 
 /// A sink that keeps every event, shared by the engine's MMUs (cloning shares the buffer).
 #[derive(Debug, Clone, Default)]
@@ -211,7 +211,7 @@ fn describe(action: &Action) -> String {
 fn apply<A: PageAllocator, S: EventSink + Clone, C: Clock + Clone, T: Clock, P: Pinner>(
     svm: &mut SharingVm<'_, A, S, C, T, P>,
     step: &Step,
-    caps: &crate::caps::IommuCaps,
+    caps: &crate::decision::caps::IommuCaps,
     dirty: Option<DirtyTracking>,
 ) -> Result<(), SharingError> {
     match step.action {

@@ -27,11 +27,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::caps::{IommuCaps, KvmCaps};
-use crate::dirty::DirtyTracking;
+use crate::decision::caps::{IommuCaps, KvmCaps};
+use crate::decision::format::Kind;
 use crate::event::{Event, EventKind, ShareMode, VmId};
-use crate::format::Kind;
-use crate::vm::{PrivateKind, VIommu, VmConfig};
+use crate::sharing::dirty::DirtyTracking;
+use crate::sharing::vm::{PrivateKind, VIommu, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -53,7 +53,7 @@ pub enum ScenarioError {
     Trace {
         path: PathBuf,
         #[source]
-        source: crate::trace::TraceError,
+        source: crate::event::trace::TraceError,
     },
 }
 
@@ -379,11 +379,12 @@ impl Scenario {
     /// Reads a scenario: a `.toml` file, or a recorded trace (`.jsonl`) turned into one.
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
         if path.extension().is_some_and(|e| e == "jsonl") {
-            let reader =
-                crate::trace::TraceReader::open(path).map_err(|source| ScenarioError::Trace {
+            let reader = crate::event::trace::TraceReader::open(path).map_err(|source| {
+                ScenarioError::Trace {
                     path: path.to_path_buf(),
                     source,
-                })?;
+                }
+            })?;
             let events =
                 reader
                     .collect::<Result<Vec<_>, _>>()

@@ -17,10 +17,10 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::decision::format::{Perms, PteFormat};
 use crate::event::{FlushScope, GpaRange, PageSize};
-use crate::format::{Perms, PteFormat};
-use crate::iommu::{Access, Translation};
-use crate::sync::SpinLock;
+use crate::iommu::walker::{Access, Translation};
+use crate::table::sync::SpinLock;
 
 /// What to invalidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

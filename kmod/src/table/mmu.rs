@@ -25,11 +25,11 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::Ordering;
 
-use crate::clock::Clock;
+use crate::decision::format::{LeafAttrs, Perms, PteFormat};
+use crate::event::clock::Clock;
 use crate::event::{Event, EventKind, GpaRange, Root as RootEvent, RootCause, Source, VmId};
-use crate::format::{LeafAttrs, Perms, PteFormat};
-use crate::page_alloc::{PageAllocator, PhysAddr};
-use crate::tdp_iter::{IterPos, TdpIter};
+use crate::table::iter::{IterPos, TdpIter};
+use crate::table::page_alloc::{PageAllocator, PhysAddr};
 
 /// Names a root of this MMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -972,9 +972,9 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
-    use crate::format::MEMTYPE_WB;
-    use crate::page_alloc::Arena;
+    use crate::decision::format::MEMTYPE_WB;
+    use crate::event::clock::ManualClock;
+    use crate::table::page_alloc::Arena;
     use alloc::vec;
     use alloc::vec::Vec;
 

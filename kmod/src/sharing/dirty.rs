@@ -4,13 +4,13 @@
 //! Without them a write-protected page would fault the device, so either every pinned page is
 //! reported dirty, or the hardware-set dirty bits (EPT D, VT-d SLADE) are walked and cleared.
 
-use crate::clock::Clock;
+use crate::decision::format::PteFormat;
 use crate::event::EventSink;
-use crate::format::PteFormat;
-use crate::page_alloc::PageAllocator;
-use crate::pin::Pinner;
-use crate::sharing::{SharingError, SharingVm};
-use crate::vm::{Memslot, SlotError};
+use crate::event::clock::Clock;
+use crate::sharing::engine::{SharingError, SharingVm};
+use crate::sharing::pin::Pinner;
+use crate::sharing::vm::{Memslot, SlotError};
+use crate::table::page_alloc::PageAllocator;
 
 /// How dirty pages are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ where
     /// as a pre-population of its range when the IOMMU walks that root.
     fn split_slot(
         &mut self,
-        root: crate::tdp_mmu::RootId,
+        root: crate::table::mmu::RootId,
         slot: &Memslot,
     ) -> Result<(), SharingError> {
         let shared_cpu = self.is_sharing() && self.mode.shares_cpu_root();

@@ -3,14 +3,14 @@
 
 use alloc::vec::Vec;
 
-use crate::clock::Clock;
+use crate::decision::format::{Perms, PteFormat};
+use crate::event::clock::Clock;
 use crate::event::{EventKind, EventSink, GpaRange, PageSize, PrepopCause};
-use crate::format::{Perms, PteFormat};
-use crate::page_alloc::PageAllocator;
-use crate::pin::Pinner;
-use crate::sharing::{SharingError, SharingVm};
-use crate::tdp_mmu::{Mapping, MmuError, Outcome, RootId, TdpMmu};
-use crate::vm::{Memslot, MmioRange};
+use crate::sharing::engine::{SharingError, SharingVm};
+use crate::sharing::pin::Pinner;
+use crate::sharing::vm::{Memslot, MmioRange};
+use crate::table::mmu::{Mapping, MmuError, Outcome, RootId, TdpMmu};
+use crate::table::page_alloc::PageAllocator;
 
 /// Maps `[gfn, gfn + frames)` → `hpa..` with leaves up to `max_level`: each naturally aligned
 /// chunk with the largest level its guest and host alignment allow; where smaller leaves are
@@ -293,10 +293,10 @@ where
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::decision::format::LeafAttrs;
+    use crate::event::clock::ManualClock;
     use crate::event::{NullSink, RootCause};
-    use crate::format::LeafAttrs;
-    use crate::page_alloc::Arena;
+    use crate::table::page_alloc::Arena;
 
     fn run(gfn: u64, frames: u64, hpa: u64, max: u8) -> (Vec<(u64, u8)>, Outcome) {
         let arena = Arena::new(256).unwrap();

@@ -8,8 +8,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::format::PteFormat;
-use crate::page_alloc::{PageAllocator, PhysAddr};
+use crate::decision::format::PteFormat;
+use crate::table::page_alloc::{PageAllocator, PhysAddr};
 
 /// Where the walk stands: the entry covering `gfn` at `level`.
 #[derive(Debug, Clone, Copy)]

@@ -4,10 +4,10 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::caps::{self, IommuCaps, KvmCaps, Shared};
+use crate::decision::caps::{self, IommuCaps, KvmCaps, Shared};
+use crate::decision::policy::Mode;
 use crate::event::ShareMode;
-use crate::mode::Mode;
-use crate::vm::{VIommu, Vm};
+use crate::sharing::vm::{VIommu, Vm};
 
 /// One unmet prerequisite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,10 +146,12 @@ pub fn check(mode: &dyn Mode, vm: &Vm, iommu: &IommuCaps) -> Result<Shared, Refu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::Kind;
-    use crate::mode::{self, EXPORTED_IOPF, OPTIMIZED, PIN_PREPOPULATE, SEPARATE_TABLE};
-    use crate::vm::tests::config;
-    use crate::vm::{Memslot, SlotKind};
+    use crate::decision::format::Kind;
+    use crate::decision::policy::{
+        self as mode, EXPORTED_IOPF, OPTIMIZED, PIN_PREPOPULATE, SEPARATE_TABLE,
+    };
+    use crate::sharing::vm::tests::config;
+    use crate::sharing::vm::{Memslot, SlotKind};
     use alloc::string::ToString;
     use alloc::vec;
 
@@ -225,7 +227,7 @@ mod tests {
             &IommuCaps::vtd(&[4], true),
         )
         .unwrap();
-        assert_eq!(s.format, crate::format::PteFormat::EPT4);
+        assert_eq!(s.format, crate::decision::format::PteFormat::EPT4);
         let err = check(&OPTIMIZED, &vm, &IommuCaps::vtd(&[4], true)).unwrap_err();
         assert_eq!(err.unmet.len(), 3, "{err}");
     }

@@ -13,19 +13,19 @@ use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::caps::{IommuCaps, Shared};
-use crate::clock::Clock;
-use crate::dirty::DirtyTracking;
+use crate::decision::caps::{IommuCaps, Shared};
+use crate::decision::format::{LeafAttrs, MEMTYPE_WB, Perms, PteFormat};
+use crate::decision::policy::{Mode, Removal};
+use crate::event::clock::Clock;
 use crate::event::{Event, EventKind, EventSink, Root as RootEvent, RootCause, Source};
-use crate::format::{LeafAttrs, MEMTYPE_WB, Perms, PteFormat};
-use crate::handshake::{self, Refusal};
-use crate::iommu::{Access, DmaFault, DmaWalker, IommuDomain};
-use crate::iotlb::FlushRequest;
-use crate::mode::{Mode, Removal};
-use crate::page_alloc::{PageAllocator, PhysAddr};
-use crate::pin::{PinError, Pinner};
-use crate::tdp_mmu::{MmuError, RootId, TdpMmu};
-use crate::vm::{Memslot, MmioRange, PrivateKind, SlotError, SlotKind, Vm};
+use crate::iommu::iotlb::FlushRequest;
+use crate::iommu::walker::{Access, DmaFault, DmaWalker, IommuDomain};
+use crate::sharing::dirty::DirtyTracking;
+use crate::sharing::handshake::{self, Refusal};
+use crate::sharing::pin::{PinError, Pinner};
+use crate::sharing::vm::{Memslot, MmioRange, PrivateKind, SlotError, SlotKind, Vm};
+use crate::table::mmu::{MmuError, RootId, TdpMmu};
+use crate::table::page_alloc::{PageAllocator, PhysAddr};
 
 /// Why an operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -626,8 +626,8 @@ where
         Ok(())
     }
 
-    fn private_mapping(slot: &Memslot, attrs: LeafAttrs) -> crate::tdp_mmu::Mapping {
-        crate::tdp_mmu::Mapping {
+    fn private_mapping(slot: &Memslot, attrs: LeafAttrs) -> crate::table::mmu::Mapping {
+        crate::table::mmu::Mapping {
             gfn: slot.gfn(),
             frames: slot.frames(),
             hpa: slot.hpa,
@@ -846,7 +846,7 @@ where
             let fits = inside && (hpa_at >> 12) & (f - 1) == 0;
             if level == 1 || fits {
                 let (start, hpa_at) = if fits { (start, hpa_at) } else { (gfn, hpa_at) };
-                let m = crate::tdp_mmu::Mapping {
+                let m = crate::table::mmu::Mapping {
                     gfn: start,
                     frames: f,
                     hpa: hpa_at,

@@ -9,6 +9,12 @@
 //! ([`GpaRange`]); `gfn` fields are 4 KiB guest frame numbers; `level` is KVM's numbering
 //! (1 = 4 KiB leaf, 2 = 2 MiB, 3 = 1 GiB, 4/5 = the PML4/PML5 root).
 
+pub mod clock;
+pub mod slot_tracker;
+pub mod stats;
+#[cfg(feature = "std")]
+pub mod trace;
+
 use alloc::string::String;
 use core::fmt;
 

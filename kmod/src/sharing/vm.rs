@@ -5,7 +5,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::caps::KvmCaps;
+use crate::decision::caps::KvmCaps;
 use crate::event::{GpaRange, Memslot as SlotEvent, VmId};
 
 /// KVM's private memslots: created by KVM itself, not by the VMM.
@@ -248,7 +248,7 @@ impl Vm {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::format::Kind;
+    use crate::decision::format::Kind;
 
     pub(crate) fn config() -> VmConfig {
         VmConfig {

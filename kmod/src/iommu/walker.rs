@@ -7,10 +7,10 @@
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::decision::format::{Perms, PteFormat};
 use crate::event::PageSize;
-use crate::format::{Perms, PteFormat};
-use crate::iotlb::{FlushOutcome, FlushRequest, Iotlb, IotlbEntry};
-use crate::page_alloc::{PageAllocator, PhysAddr};
+use crate::iommu::iotlb::{FlushOutcome, FlushRequest, Iotlb, IotlbEntry};
+use crate::table::page_alloc::{PageAllocator, PhysAddr};
 
 /// The direction of a DMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,12 +246,12 @@ impl<'a> IommuDomain<'a> {
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::decision::format::LeafAttrs;
+    use crate::event::clock::ManualClock;
     use crate::event::{NullSink, RootCause};
-    use crate::format::LeafAttrs;
-    use crate::iotlb::CostModel;
-    use crate::page_alloc::Arena;
-    use crate::tdp_mmu::{Mapping, RootId, TdpMmu};
+    use crate::iommu::iotlb::CostModel;
+    use crate::table::mmu::{Mapping, RootId, TdpMmu};
+    use crate::table::page_alloc::Arena;
 
     const G: u64 = 0x40_0000_0000;
 

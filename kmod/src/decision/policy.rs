@@ -5,7 +5,7 @@
 use core::fmt;
 
 use crate::event::ShareMode;
-use crate::vm::PrivateKind;
+use crate::sharing::vm::PrivateKind;
 
 /// What deleting or moving a memslot does to the table the IOMMU walks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

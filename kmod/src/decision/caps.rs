@@ -7,7 +7,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::format::{Kind, PteFormat};
+use crate::decision::format::{Kind, PteFormat};
 
 /// What KVM's TDP MMU uses for this VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

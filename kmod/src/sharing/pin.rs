@@ -8,7 +8,7 @@
 use alloc::collections::BTreeSet;
 use core::fmt;
 
-use crate::vm::Memslot;
+use crate::sharing::vm::Memslot;
 
 /// How a cost figure was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,7 +303,7 @@ mod real {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::SlotKind;
+    use crate::sharing::vm::SlotKind;
 
     fn slot(hpa: u64, size: u64) -> Memslot {
         Memslot {

@@ -1,0 +1,4 @@
+//! The decision layer: page-table formats, capability negotiation, the sharing policies.
+pub mod caps;
+pub mod format;
+pub mod policy;
