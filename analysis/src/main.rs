@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tdpshare::event::Source;
 use tdpshare::sim::Scenario;
-use tdpshare::trace::{Header, TraceFile, TraceReader};
+use tdpshare::{Header, TraceFile, TraceReader};
 use tdpshare_analysis::qemu_memslots;
 
 #[derive(Debug, Parser)]

@@ -10,8 +10,8 @@
 
 use std::io::BufRead;
 
+use tdpshare::SlotTracker;
 use tdpshare::event::{Event, EventKind, Memslot, Source, VmId};
-use tdpshare::slot_tracker::SlotTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -166,7 +166,7 @@ pub fn import(
             .apply(Memslot {
                 slot: call.slot,
                 as_id: call.as_id,
-                gpa: call.gpa,
+                gpa: tdpshare::Gpa(call.gpa),
                 size: call.size,
                 flags: call.flags,
                 ua: call.ua,
@@ -207,7 +207,7 @@ mod tests {
         let EventKind::MemslotAdd(first) = events[0].kind else {
             panic!("first event is {:?}", events[0].kind)
         };
-        assert_eq!((first.gpa, first.size), (0, 0x8000_0000));
+        assert_eq!((first.gpa, first.size), (tdpshare::Gpa(0), 0x8000_0000));
         // Delete events carry the deleted slot's extent, not the call's size=0.
         let EventKind::MemslotDelete(del) = events[2].kind else {
             panic!()
@@ -222,7 +222,7 @@ mod tests {
         let (events, _) = import(fixture("seabios-pc-2g.trace"), 1, 1_000_000).unwrap();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../fixtures/traces/seabios-pc-2g.jsonl");
-        let recorded: Vec<Event> = tdpshare::trace::TraceReader::open(path)
+        let recorded: Vec<Event> = tdpshare::TraceReader::open(path)
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
@@ -254,7 +254,7 @@ some_other_event x=1
         assert_eq!(events[1].ts_ns, 20_000);
         assert!(matches!(
             events[2].kind,
-            EventKind::MemslotMove { old_gpa: 0x1000, slot } if slot.as_id == 1 && slot.slot == 3
+            EventKind::MemslotMove { old_gpa: tdpshare::Gpa(0x1000), slot } if slot.as_id == 1 && slot.slot == 3
         ));
     }
 

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use tdpshare::stats::VmStats;
+use tdpshare::VmStats;
 
 /// A figure published by an earlier design, with where it comes from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -124,7 +124,7 @@ mod tests {
             1,
             Source::Simulator,
             EventKind::PrepopulateEnd {
-                range: GpaRange::new(0, 8 << 30),
+                range: GpaRange::new(tdpshare::Gpa(0), 8 << 30),
                 page_size: PageSize::Size4K,
                 cause: tdpshare::event::PrepopCause::NewRoot,
                 entries: 2_097_152,

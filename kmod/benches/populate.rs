@@ -9,14 +9,14 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use tdpshare::clock::ManualClock;
+use tdpshare::decision::format::{LeafAttrs, MEMTYPE_WB, Perms};
+use tdpshare::event::clock::ManualClock;
 use tdpshare::event::{NullSink, RootCause};
-use tdpshare::format::{LeafAttrs, MEMTYPE_WB, Perms, PteFormat};
-use tdpshare::page_alloc::{Arena, PageAllocator};
-use tdpshare::tdp_mmu::{Mapping, TdpMmu};
+use tdpshare::table::{Arena, Mapping, PageAllocator, TdpMmu};
+use tdpshare::{Gfn, Hpa, Level, PteFormat};
 
 const GUEST: u64 = 8 << 30;
-const HOST: u64 = 0x40_0000_0000;
+const HOST: Hpa = Hpa(0x40_0000_0000);
 /// The 2021 kernel's pre-population rate, roughly 8.7e6 4 KiB leaves per second.
 const SEED_LEAVES_PER_S: f64 = 8.7e6;
 
@@ -26,11 +26,11 @@ struct Run {
     pages: u64,
 }
 
-fn populate(arena: &Arena, level: u8) -> Run {
+fn populate(arena: &Arena, level: Level) -> Run {
     let mut mmu = TdpMmu::new(arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
     let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
     let mapping = Mapping {
-        gfn: 0,
+        gfn: Gfn(0),
         frames: GUEST >> 12,
         hpa: HOST,
         level,
@@ -60,7 +60,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn report(name: &str, level: u8, runs: usize) {
+fn report(name: &str, level: Level, runs: usize) {
     let capacity = 8192;
     let mut cold = Vec::new();
     let mut warm = Vec::new();
@@ -97,8 +97,8 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let runs = if quick { 1 } else { 15 };
     println!("TDP population, 8 GiB guest range, EPT 4-level, {runs} runs each");
-    report("4K leaves", 1, runs);
-    report("2M leaves", 2, runs * 4);
+    report("4K leaves", Level::L1, runs);
+    report("2M leaves", Level::L2, runs * 4);
     let leaves_4k = (GUEST >> 12) as f64;
     println!(
         "reference: the 2021 kernel's ~{SEED_LEAVES_PER_S:.1e} 4K leaves/s would take {:.0} ms for this range",

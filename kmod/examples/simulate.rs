@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use tdpshare::event::{EventKind, PrepopCause, ShareMode, Source};
 use tdpshare::sim::{ModeRun, RunOptions, Scenario, run_mode};
-use tdpshare::trace::{Header, TraceFile};
+use tdpshare::{Header, TraceFile};
 
 struct Args {
     scenario: PathBuf,
@@ -34,10 +34,9 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--mode" => {
                 let m = args.next().ok_or("--mode needs a value")?;
-                let mode = ShareMode::ALL
-                    .into_iter()
-                    .find(|k| k.name() == m)
-                    .ok_or_else(|| format!("unknown mode {m:?}"))?;
+                let mode = m
+                    .parse::<ShareMode>()
+                    .map_err(|e| format!("unknown mode {m:?}: {e}"))?;
                 modes.push(mode);
             }
             "--real-memory" => real_memory = true,
@@ -129,13 +128,13 @@ fn print_table(runs: &[ModeRun]) {
                 .map_or("-".into(), |[a, b, c]| format!("{a} / {b} / {c}"))
         }),
         ("DMA ok / faulted", |r| {
-            format!("{} / {}", r.totals.dma_ok, r.totals.dma_faults)
+            format!("{} / {}", r.device.dma_ok, r.device.dma_faults)
         }),
         ("IO page faults resolved", |r| {
             r.totals.iopf_resolved.to_string()
         }),
         ("pinned-DMA checks / faults", |r| {
-            format!("{} / {}", r.totals.verify_checked, r.totals.verify_faults)
+            format!("{} / {}", r.device.verify_checked, r.device.verify_faults)
         }),
         ("vCPU TDP faults", |r| r.totals.cpu_faults.to_string()),
         ("simulated time", |r| ms(r.duration_ns)),

@@ -12,13 +12,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 
-use tdpshare::clock::ManualClock;
+use tdpshare::decision::format::{LeafAttrs, MEMTYPE_WB, Perms};
+use tdpshare::event::clock::ManualClock;
 use tdpshare::event::{NullSink, RootCause};
-use tdpshare::format::{LeafAttrs, MEMTYPE_WB, Perms, PteFormat};
-use tdpshare::iommu::{Access, DmaWalker, IommuDomain};
-use tdpshare::iotlb::{CostModel, FlushRequest, Iotlb};
-use tdpshare::page_alloc::Arena;
-use tdpshare::tdp_mmu::{Mapping, TdpMmu};
+use tdpshare::iommu::{Access, CostModel, DmaWalker, FlushRequest, IommuDomain, Iotlb};
+use tdpshare::table::{Arena, Mapping, TdpMmu};
+use tdpshare::{Gfn, Hpa, Iova, Level, PteFormat};
 
 /// Pinned: guest [0, 32 MiB) → host PINNED_HPA, 2 MiB leaves.
 const PINNED_HUGE: u64 = 16;
@@ -62,7 +61,7 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
     let iotlb = Iotlb::new(512, CostModel::default());
     let walker = DmaWalker {
         format,
-        max_leaf_level: 3,
+        max_leaf_level: Level::L3,
         set_ad: true, // hardware A/D updates race with every compare-and-swap of the writer
     };
     let domain = IommuDomain::new(DOMAIN, walker, &iotlb);
@@ -77,10 +76,10 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
     mmu.map(
         root,
         &Mapping {
-            gfn: 0,
+            gfn: Gfn(0),
             frames: PINNED_HUGE * 512,
-            hpa: PINNED_HPA,
-            level: 2,
+            hpa: Hpa(PINNED_HPA),
+            level: Level::L2,
             perms: Perms::RW,
             attrs: pinned,
         },
@@ -89,16 +88,16 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
     mmu.map(
         root,
         &Mapping {
-            gfn: UNPINNED_GFN,
+            gfn: Gfn(UNPINNED_GFN),
             frames: UNPINNED_FRAMES,
-            hpa: round_range(0).0,
-            level: 1,
+            hpa: Hpa(round_range(0).0),
+            level: Level::L1,
             perms: Perms::RW,
             attrs: wb,
         },
     )
     .unwrap();
-    domain.set_root(mmu.root(root).unwrap().pa);
+    domain.set_root(Some(mmu.root(root).unwrap().pa));
 
     // Unmap rounds completed: frames of rounds below this were zapped and flushed.
     let flushed_rounds = AtomicU64::new(0);
@@ -126,17 +125,17 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
                         };
                         let offset = (x >> 8) % (PINNED_HUGE << 21);
                         if x & 2 == 0 {
-                            match domain.dma(arena, offset, access) {
-                                Ok(tr) if tr.hpa == PINNED_HPA + offset => {}
+                            match domain.dma(arena, Iova(offset), access) {
+                                Ok(tr) if tr.hpa == Hpa(PINNED_HPA + offset) => {}
                                 Ok(_) => r.pinned_wrong += 1,
                                 Err(_) => r.pinned_faults += 1,
                             }
                         } else {
                             let iova = (UNPINNED_GFN << 12) + offset % (UNPINNED_FRAMES << 12);
                             let done_before = flushed_rounds.load(Ordering::SeqCst);
-                            match domain.dma(arena, iova, access) {
+                            match domain.dma(arena, Iova(iova), access) {
                                 Ok(tr) => {
-                                    let round = (tr.hpa - UNPINNED_HPA) / (UNPINNED_FRAMES << 12);
+                                    let round = (tr.hpa.0 - UNPINNED_HPA) / (UNPINNED_FRAMES << 12);
                                     if round < done_before {
                                         r.stale_after_flush += 1;
                                     }
@@ -156,15 +155,15 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
         let mut cycle = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let huge = cycle % PINNED_HUGE;
-            let gfn = huge * 512;
+            let gfn = Gfn(huge * 512);
             let flush = |frames: u64| {
                 domain.flush(FlushRequest::Range {
                     domain: DOMAIN,
-                    iova: gfn << 12,
+                    iova: gfn.iova(),
                     size: frames << 12,
                 })
             };
-            mmu.split(root, gfn, 2)
+            mmu.split(root, gfn, Level::L2)
                 .expect("split of a pinned huge page");
             flush(512);
             w.splits += 1;
@@ -174,7 +173,7 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
             flush(512);
             mmu.set_perms(root, gfn, 512, Perms::RW).unwrap();
             flush(512);
-            mmu.collapse(root, gfn, 2).expect("collapse back");
+            mmu.collapse(root, gfn, Level::L2).expect("collapse back");
             flush(512);
             w.collapses += 1;
             mmu.set_perms(root, gfn, 512, Perms::RWX).unwrap();
@@ -185,11 +184,11 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
             if cycle % 4 == 3 {
                 // Unmap the unpinned range, flush, publish; then map it to fresh frames.
                 let round = w.unmap_rounds;
-                mmu.zap(root, UNPINNED_GFN, UNPINNED_FRAMES, cycle % 8 == 7)
+                mmu.zap(root, Gfn(UNPINNED_GFN), UNPINNED_FRAMES, cycle % 8 == 7)
                     .unwrap();
                 domain.flush(FlushRequest::Range {
                     domain: DOMAIN,
-                    iova: UNPINNED_GFN << 12,
+                    iova: Gfn(UNPINNED_GFN).iova(),
                     size: UNPINNED_FRAMES << 12,
                 });
                 flushed_rounds.store(round + 1, Ordering::SeqCst);
@@ -197,10 +196,10 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
                 mmu.map(
                     root,
                     &Mapping {
-                        gfn: UNPINNED_GFN,
+                        gfn: Gfn(UNPINNED_GFN),
                         frames: UNPINNED_FRAMES,
-                        hpa: round_range(round + 1).0,
-                        level: 1,
+                        hpa: Hpa(round_range(round + 1).0),
+                        level: Level::L1,
                         perms: Perms::RW,
                         attrs: wb,
                     },

@@ -1,7 +1,7 @@
 //! The example in docs/trace-format.md must be a valid trace.
 #![cfg(feature = "std")]
 
-use tdpshare::trace::TraceReader;
+use tdpshare::TraceReader;
 
 #[test]
 fn trace_format_doc_example_parses() {

@@ -6,12 +6,27 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use tdpshare::clock::ManualClock;
+use tdpshare::decision::format::{LeafAttrs, Perms};
+use tdpshare::event::clock::ManualClock;
 use tdpshare::event::{NullSink, RootCause};
-use tdpshare::format::{LeafAttrs, Perms, PteFormat};
 use tdpshare::iommu::{Access, DmaWalker};
-use tdpshare::page_alloc::{Arena, PageAllocator};
-use tdpshare::tdp_mmu::{Leaf, Mapping, TdpMmu};
+use tdpshare::table::{Arena, Leaf, Mapping, PageAllocator, TdpMmu};
+use tdpshare::{Gfn, Hpa, Iova, Level, PteFormat};
+
+/// The model keeps raw numbers; these give the MMU's types.
+fn lvl(level: u8) -> Level {
+    Level::new(level).expect("levels 1..=3")
+}
+
+/// Guest frames one leaf of `level` covers.
+fn frames_of(level: u8) -> u64 {
+    lvl(level).frames()
+}
+
+/// Bytes one leaf of `level` maps.
+fn size_of(level: u8) -> u64 {
+    lvl(level).size()
+}
 
 const HOST: u64 = 0x40_0000_0000;
 /// The guest space the ops touch: two 1 GiB regions, ops clustered near their starts.
@@ -58,7 +73,7 @@ fn perms() -> impl Strategy<Value = Perms> {
 
 /// A guest frame near the start of a region, aligned to `level`.
 fn gfn_at(level: u8) -> impl Strategy<Value = u64> {
-    let frames = PteFormat::frames(level);
+    let frames = frames_of(level);
     (0..2usize, 0u64..6).prop_map(move |(r, k)| {
         let base = REGIONS[r];
         if frames >= 1 << 18 {
@@ -77,7 +92,7 @@ fn op() -> impl Strategy<Value = Op> {
                 gfn,
                 count,
                 level,
-                hpa: HOST + k * PteFormat::level_size(level) * 8 + (gfn << 12),
+                hpa: HOST + k * size_of(level) * 8 + (gfn << 12),
                 perms,
                 pinned,
             })
@@ -117,10 +132,10 @@ struct Model {
 
 impl Model {
     fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, MLeaf)> {
-        let from = start.saturating_sub(PteFormat::frames(3) - 1);
+        let from = start.saturating_sub(frames_of(3) - 1);
         self.leaves
             .range(from..end)
-            .filter(|(b, l)| **b + PteFormat::frames(l.level) > start)
+            .filter(|(b, l)| **b + frames_of(l.level) > start)
             .map(|(b, l)| (*b, *l))
             .collect()
     }
@@ -136,12 +151,12 @@ impl Model {
                 perms,
                 pinned,
             } => {
-                let f = PteFormat::frames(level);
+                let f = frames_of(level);
                 for i in 0..count {
                     let b = gfn + i * f;
                     let want = MLeaf {
                         level,
-                        hpa: hpa + i * PteFormat::level_size(level),
+                        hpa: hpa + i * size_of(level),
                         perms,
                         pinned,
                     };
@@ -156,7 +171,7 @@ impl Model {
                         gfn + i * f,
                         MLeaf {
                             level,
-                            hpa: hpa + i * PteFormat::level_size(level),
+                            hpa: hpa + i * size_of(level),
                             perms,
                             pinned,
                         },
@@ -191,10 +206,10 @@ impl Model {
                 let small = level - 1;
                 for i in 0..512 {
                     self.leaves.insert(
-                        b + i * PteFormat::frames(small),
+                        b + i * frames_of(small),
                         MLeaf {
                             level: small,
-                            hpa: l.hpa + i * PteFormat::level_size(small),
+                            hpa: l.hpa + i * size_of(small),
                             ..l
                         },
                     );
@@ -202,7 +217,7 @@ impl Model {
                 true
             }
             Op::Collapse { gfn, level } => {
-                let f = PteFormat::frames(level);
+                let f = frames_of(level);
                 let base = gfn & !(f - 1);
                 let kids = self.overlapping(base, base + f);
                 if kids.len() != 512 {
@@ -210,14 +225,14 @@ impl Model {
                 }
                 let (_, first) = kids[0];
                 let small = level - 1;
-                if first.hpa % PteFormat::level_size(level) != 0 {
+                if first.hpa % size_of(level) != 0 {
                     return false;
                 }
                 for (i, (b, l)) in kids.iter().enumerate() {
                     let i = i as u64;
                     if l.level != small
-                        || *b != base + i * PteFormat::frames(small)
-                        || l.hpa != first.hpa + i * PteFormat::level_size(small)
+                        || *b != base + i * frames_of(small)
+                        || l.hpa != first.hpa + i * size_of(small)
                         || l.perms != first.perms
                         || l.pinned != first.pinned
                     {
@@ -245,7 +260,7 @@ impl Model {
 fn flatten(leaves: Vec<Leaf>) -> Vec<(u64, u8, u64, Perms, bool)> {
     leaves
         .into_iter()
-        .map(|l| (l.gfn, l.level, l.hpa, l.perms, l.attrs.pinned))
+        .map(|l| (l.gfn.0, l.level.get(), l.hpa.0, l.perms, l.attrs.pinned))
         .collect()
 }
 
@@ -268,10 +283,10 @@ fn run(format: PteFormat, ops: &[Op]) -> Result<(), TestCaseError> {
             } => mmu.map(
                 root,
                 &Mapping {
-                    gfn,
-                    frames: count * PteFormat::frames(level),
-                    hpa,
-                    level,
+                    gfn: Gfn(gfn),
+                    frames: count * frames_of(level),
+                    hpa: Hpa(hpa),
+                    level: lvl(level),
                     perms,
                     attrs: LeafAttrs { pinned, ..base },
                 },
@@ -280,10 +295,10 @@ fn run(format: PteFormat, ops: &[Op]) -> Result<(), TestCaseError> {
                 gfn,
                 frames,
                 tables,
-            } => mmu.zap(root, gfn, frames, tables),
-            Op::SetPerms { gfn, frames, perms } => mmu.set_perms(root, gfn, frames, perms),
-            Op::Split { gfn, level } => mmu.split(root, gfn, level),
-            Op::Collapse { gfn, level } => mmu.collapse(root, gfn, level),
+            } => mmu.zap(root, Gfn(gfn), frames, tables),
+            Op::SetPerms { gfn, frames, perms } => mmu.set_perms(root, Gfn(gfn), frames, perms),
+            Op::Split { gfn, level } => mmu.split(root, Gfn(gfn), lvl(level)),
+            Op::Collapse { gfn, level } => mmu.collapse(root, Gfn(gfn), lvl(level)),
         };
         let allowed = model.apply(op);
         prop_assert_eq!(result.is_ok(), allowed, "{:?} gave {:?}", op, result);
@@ -314,7 +329,7 @@ fn run(format: PteFormat, ops: &[Op]) -> Result<(), TestCaseError> {
     // The IOMMU translates exactly what the model maps.
     let walker = DmaWalker {
         format,
-        max_leaf_level: 3,
+        max_leaf_level: Level::L3,
         set_ad: false,
     };
     let root_pa = mmu.root(root).unwrap().pa;
@@ -327,9 +342,9 @@ fn run(format: PteFormat, ops: &[Op]) -> Result<(), TestCaseError> {
                 .map(|(b, l)| (l.hpa + ((gfn - b) << 12) + 0x123, l.perms));
             for access in [Access::Read, Access::Write] {
                 let got = walker
-                    .translate(&arena, root_pa, iova, access)
+                    .translate(&arena, root_pa, Iova(iova), access)
                     .ok()
-                    .map(|t| t.hpa);
+                    .map(|t| t.hpa.0);
                 let need = if access == Access::Read {
                     Perms::R
                 } else {

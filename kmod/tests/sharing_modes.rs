@@ -4,19 +4,19 @@
 
 use std::path::Path;
 
-use tdpshare::caps::IommuCaps;
-use tdpshare::clock::{ManualClock, MonotonicClock};
-use tdpshare::dirty::DirtyTracking;
-use tdpshare::event::{EventKind, RootCause, ShareMode};
-use tdpshare::iommu::{Access, DmaWalker, IommuDomain};
-use tdpshare::iotlb::{CostModel, Iotlb};
-use tdpshare::mode;
-use tdpshare::page_alloc::{Arena, PageAllocator};
-use tdpshare::pin::{ModelledPinner, PinCostModel, Pinner};
-use tdpshare::sharing::{SharingError, SharingVm};
-use tdpshare::sim::run::SharedSink;
-use tdpshare::sim::{Action, ModeRun, RunOptions, Scenario, run_mode};
-use tdpshare::vm::{Memslot, PrivateKind, SlotKind, Vm, VmConfig};
+use tdpshare::decision::caps::IommuCaps;
+use tdpshare::event::clock::{ManualClock, MonotonicClock};
+use tdpshare::event::{EventKind, RootCause};
+use tdpshare::iommu::{Access, CostModel, DmaWalker, IommuDomain, Iotlb};
+use tdpshare::sharing::{
+    CostSource, Memslot, ModelledPinner, Parts, PinCostModel, Pinner, PrivateKind, SharingError,
+    SharingVm, SlotKind, Vm, VmConfig,
+};
+use tdpshare::sim::{
+    Action, Machine, ModeRun, RunOptions, Scenario, SharedSink, SimPlatform, run_mode,
+};
+use tdpshare::table::{Arena, PageAllocator};
+use tdpshare::{DirtyTracking, Gpa, Hpa, Iova, Kind, Level, PteFormat, ShareMode};
 
 fn boot_8g() -> Scenario {
     Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/boot-8g.toml")).unwrap()
@@ -36,10 +36,10 @@ fn boot_8g_holds_every_invariant_in_every_mode() {
         let r = run(mode);
         assert!(r.refusals.is_empty(), "{mode}: {:?}", r.refusals);
         assert_eq!(
-            r.totals.dma_wrong, 0,
+            r.device.dma_wrong, 0,
             "{mode}: DMA translated to a wrong address"
         );
-        assert_eq!(r.totals.dma_faults, 0, "{mode}: DMA faults");
+        assert_eq!(r.device.dma_faults, 0, "{mode}: DMA faults");
         assert_eq!(
             r.pinned_pages_end, 0,
             "{mode}: stop-sharing left pinned pages"
@@ -49,9 +49,9 @@ fn boot_8g_holds_every_invariant_in_every_mode() {
             assert!(r.totals.iopf_resolved > 0, "IOPFs are counted in IOPF mode");
         } else {
             // Pinning modes: every pinned page DMA-checked after every step, none faulted.
-            assert!(r.totals.verify_checked > 10_000);
+            assert!(r.device.verify_checked > 10_000);
             assert_eq!(
-                r.totals.verify_faults, 0,
+                r.device.verify_faults, 0,
                 "{mode}: DMA fault on pinned memory"
             );
             assert_eq!(r.totals.iopf_resolved, 0);
@@ -159,7 +159,7 @@ fn a_recorded_trace_replays_in_every_mode() {
     ] {
         let r = run_mode(&s, mode, 1, opts).unwrap();
         assert_eq!(r.stats.memslot_ops, 37, "{mode}");
-        assert_eq!(r.totals.verify_faults, 0, "{mode}");
+        assert_eq!(r.device.verify_faults, 0, "{mode}");
     }
     let seed = run_mode(&s, ShareMode::PinPrepopulate, 1, opts).unwrap();
     assert_eq!(
@@ -203,11 +203,11 @@ do = "share_stop"
     };
     match run_mode(&s, ShareMode::PinPrepopulate, 1, opts) {
         Ok(r) => {
-            assert_eq!(r.pin_cost, tdpshare::pin::CostSource::Measured);
+            assert_eq!(r.pin_cost, CostSource::Measured);
             assert!(r.totals.pin_ns > 0);
             assert_eq!(r.pinned_pages_peak, 8192);
             assert_eq!(r.pinned_pages_end, 0);
-            assert_eq!(r.totals.verify_faults, 0);
+            assert_eq!(r.device.verify_faults, 0);
         }
         Err(e) => {
             let text = format!("{e}: {:?}", std::error::Error::source(&e));
@@ -223,17 +223,17 @@ const HOST: u64 = 0x40_0000_0000;
 
 fn config() -> VmConfig {
     let s = Scenario::parse(Path::new("d.toml"), "name = \"d\"\n").unwrap();
-    s.vm.config().unwrap()
+    s.vm.config()
 }
 
 fn slot(id: u16, gpa: u64, size: u64) -> Memslot {
     Memslot {
         id,
         as_id: 0,
-        gpa,
+        gpa: Gpa(gpa),
         size,
         flags: 0,
-        hpa: HOST + gpa,
+        hpa: Hpa(HOST + gpa),
         kind: SlotKind::User,
     }
 }
@@ -243,15 +243,12 @@ fn with_vm<R>(
     mode: ShareMode,
     config: VmConfig,
     iommu: IommuCaps,
-    f: impl FnOnce(
-        &mut SharingVm<'_, Arena, SharedSink, &ManualClock, MonotonicClock, ModelledPinner>,
-        &SharedSink,
-        &Arena,
-    ) -> R,
+    f: impl FnOnce(&mut Machine<'_, SimPlatform<'_>>, &SharedSink, &Arena) -> R,
 ) -> R {
     let arena = Arena::new(8192).unwrap();
     let iotlb = Iotlb::new(256, CostModel::default());
-    let format = tdpshare::format::PteFormat::of(iommu.walks[0].0, 4).unwrap();
+    let kind = iommu.walks.kinds().first().unwrap();
+    let format = PteFormat::of(kind, 4).unwrap();
     let walker = DmaWalker {
         format,
         max_leaf_level: iommu.max_leaf_level(),
@@ -261,17 +258,16 @@ fn with_vm<R>(
     let fallback = arena.alloc_table().unwrap();
     let sink = SharedSink::default();
     let clock = ManualClock::new(0);
-    let mut vm = SharingVm::new(
-        Vm::new(1, config, 2),
-        mode::mode(mode),
-        &arena,
-        &domain,
-        fallback,
-        ModelledPinner::new(PinCostModel::default(), true),
-        sink.clone(),
-        &clock,
-        MonotonicClock::new(),
-    );
+    let parts = Parts::<SimPlatform<'_>> {
+        alloc: &arena,
+        iommu: &domain,
+        pinner: Box::new(ModelledPinner::new(PinCostModel::default(), true)),
+        sink: sink.clone(),
+        clock: &clock,
+        timer: MonotonicClock::new(),
+    };
+    let engine = SharingVm::new(Vm::new(1, config, 2), mode, Some(fallback), parts);
+    let mut vm = Machine::new(engine, &domain);
     f(&mut vm, &sink, &arena)
 }
 
@@ -282,10 +278,10 @@ fn vtd() -> IommuCaps {
 #[test]
 fn a_refusal_is_reported_as_an_event_and_changes_nothing() {
     with_vm(ShareMode::ExportedIopf, config(), vtd(), |vm, sink, _| {
-        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-        let err = vm.request_sharing(&vtd()).unwrap_err();
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        let err = vm.engine.request_sharing(&vtd()).unwrap_err();
         assert!(matches!(err, SharingError::Refused(_)));
-        assert!(!vm.is_sharing());
+        assert!(!vm.engine.is_sharing());
         let events = sink.take();
         let reason = events
             .iter()
@@ -295,25 +291,29 @@ fn a_refusal_is_reported_as_an_event_and_changes_nothing() {
             })
             .unwrap();
         assert!(reason.contains("cannot take IO page faults"), "{reason}");
-        assert!(!vm.dma_reaches(0x1000));
+        assert!(!vm.dma_reaches(Gpa(0x1000)));
     });
 }
 
 #[test]
 fn smm_keeps_the_shared_root_alive_for_the_iommu() {
     with_vm(ShareMode::Optimized, config(), vtd(), |vm, sink, _| {
-        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-        vm.request_sharing(&vtd()).unwrap();
-        let root = vm.cpu_root().unwrap();
-        vm.smm(0, true).unwrap();
-        vm.smm(1, true).unwrap();
-        assert_eq!(vm.cpu_root(), Some(root), "the IOMMU's root survives SMM");
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        let root = vm.engine.cpu_root().unwrap();
+        vm.engine.smm(0, true).unwrap();
+        vm.engine.smm(1, true).unwrap();
+        assert_eq!(
+            vm.engine.cpu_root(),
+            Some(root),
+            "the IOMMU's root survives SMM"
+        );
         assert_eq!(vm.verify_pinned_dma(), 0);
-        vm.dma(0, 1 << 20, true, 4096).unwrap();
-        assert_eq!(vm.totals.dma_faults, 0);
-        vm.smm(0, false).unwrap();
-        vm.smm(1, false).unwrap();
-        assert_eq!(vm.cpu_root(), Some(root));
+        vm.dma(Iova(0), 1 << 20, true, 4096).unwrap();
+        assert_eq!(vm.device.dma_faults, 0);
+        vm.engine.smm(0, false).unwrap();
+        vm.engine.smm(1, false).unwrap();
+        assert_eq!(vm.engine.cpu_root(), Some(root));
         // SMM got its own root, never handed to the IOMMU.
         let events = sink.take();
         assert!(
@@ -329,11 +329,11 @@ fn smm_keeps_the_shared_root_alive_for_the_iommu() {
     });
     // Without sharing, KVM frees the normal root once every vCPU is in SMM.
     with_vm(ShareMode::Optimized, config(), vtd(), |vm, sink, _| {
-        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-        vm.touch(0, 0, 4096, false).unwrap();
-        vm.smm(0, true).unwrap();
-        vm.smm(1, true).unwrap();
-        assert_eq!(vm.cpu_root(), None);
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.touch(0, Gpa(0), 4096, false).unwrap();
+        vm.engine.smm(0, true).unwrap();
+        vm.engine.smm(1, true).unwrap();
+        assert_eq!(vm.engine.cpu_root(), None);
         let freed = sink.take().iter().any(
             |e| matches!(e.kind, EventKind::RootFree(r) if r.cause == RootCause::Smm && !r.smm),
         );
@@ -348,26 +348,28 @@ fn private_slots_are_invisible_before_sharing_and_to_a_separate_table() {
         let mut config = config();
         config.device_iopf = true;
         with_vm(mode, config, vtd(), |vm, _, _| {
-            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-            vm.add_private_slot(PrivateKind::ApicAccess, apic, 0x1234_5000)
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine
+                .add_private_slot(PrivateKind::ApicAccess, Gpa(apic), Hpa(0x1234_5000))
                 .unwrap();
-            vm.add_private_slot(PrivateKind::Tss, 0xfeff_d000, 0x1234_6000)
+            vm.engine
+                .add_private_slot(PrivateKind::Tss, Gpa(0xfeff_d000), Hpa(0x1234_6000))
                 .unwrap();
-            vm.touch(0, apic, 4096, false).unwrap();
-            assert!(!vm.dma_reaches(apic), "{mode}: visible before sharing");
+            vm.touch(0, Gpa(apic), 4096, false).unwrap();
+            assert!(!vm.dma_reaches(Gpa(apic)), "{mode}: visible before sharing");
             assert!(
-                !vm.dma_reaches(0xfeff_d000),
+                !vm.dma_reaches(Gpa(0xfeff_d000)),
                 "{mode}: TSS visible before sharing"
             );
-            vm.request_sharing(&vtd()).unwrap();
-            vm.touch(0, apic, 4096, false).unwrap();
-            let visible = vm.dma_reaches(apic);
+            vm.engine.request_sharing(&vtd()).unwrap();
+            vm.touch(0, Gpa(apic), 4096, false).unwrap();
+            let visible = vm.dma_reaches(Gpa(apic));
             if mode == ShareMode::SeparateTable {
                 assert!(
                     !visible,
                     "the APIC-access page must never be visible to DMA"
                 );
-                assert!(vm.dma_reaches(0xfeff_d000), "the TSS is mirrored");
+                assert!(vm.dma_reaches(Gpa(0xfeff_d000)), "the TSS is mirrored");
             } else {
                 assert!(
                     visible,
@@ -381,27 +383,29 @@ fn private_slots_are_invisible_before_sharing_and_to_a_separate_table() {
 #[test]
 fn snoop_follows_the_negotiated_capability() {
     with_vm(ShareMode::Optimized, config(), vtd(), |vm, _, arena| {
-        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-        vm.request_sharing(&vtd()).unwrap();
-        assert!(vm.shared().unwrap().snoop);
-        let root = vm.cpu_root().unwrap();
-        let pa = vm.cpu_mmu().root(root).unwrap().pa;
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        assert!(vm.engine.shared().unwrap().snoop);
+        let root = vm.engine.cpu_root().unwrap();
+        let pa = vm.engine.cpu_mmu().root(root).unwrap().pa;
         let walker = DmaWalker {
-            format: tdpshare::format::PteFormat::EPT4,
-            max_leaf_level: 3,
+            format: PteFormat::EPT4,
+            max_leaf_level: Level::L3,
             set_ad: false,
         };
-        let t = walker.translate(arena, pa, 0x5000, Access::Write).unwrap();
+        let t = walker
+            .translate(arena, pa, Iova(0x5000), Access::Write)
+            .unwrap();
         assert!(t.snoop, "every leaf forces snooping on VT-d");
     });
     let mut cfg = config();
-    cfg.kvm.kind = tdpshare::format::Kind::Npt;
+    cfg.kvm.kind = Kind::Npt;
     let amd = IommuCaps::amd_v2(&[4]);
-    with_vm(ShareMode::Optimized, cfg, amd.clone(), |vm, _, _| {
-        vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-        vm.request_sharing(&amd).unwrap();
+    with_vm(ShareMode::Optimized, cfg, amd, |vm, _, _| {
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.engine.request_sharing(&amd).unwrap();
         assert!(
-            !vm.shared().unwrap().snoop,
+            !vm.engine.shared().unwrap().snoop,
             "x86-64 format has no snoop bit"
         );
         assert_eq!(vm.verify_pinned_dma(), 0);
@@ -413,20 +417,20 @@ fn dirty_tracking_strategies() {
     let slot1 = slot(1, 1 << 30, 64 << 20);
     // Dirty bits: what the device wrote, per leaf; cleared by the harvest.
     with_vm(ShareMode::PinPrepopulate, config(), vtd(), |vm, _, _| {
-        vm.add_slot(slot1).unwrap();
-        vm.request_sharing(&vtd()).unwrap();
-        vm.set_slot_flags(0, 1, 1).unwrap();
-        vm.get_dirty_log(0, 1).unwrap();
-        vm.dma(1 << 30, 16 << 12, true, 4096).unwrap();
+        vm.engine.add_slot(slot1).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        vm.engine.set_slot_flags(0, 1, 1).unwrap();
+        vm.engine.get_dirty_log(0, 1).unwrap();
+        vm.dma(Iova(1 << 30), 16 << 12, true, 4096).unwrap();
         assert_eq!(
-            vm.get_dirty_log(0, 1).unwrap(),
+            vm.engine.get_dirty_log(0, 1).unwrap(),
             16,
             "split to 4 KiB: exact pages"
         );
-        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 0);
-        assert_eq!(vm.totals.dma_faults, 0);
+        assert_eq!(vm.engine.get_dirty_log(0, 1).unwrap(), 0);
+        assert_eq!(vm.device.dma_faults, 0);
         assert_eq!(
-            vm.set_dirty_tracking(DirtyTracking::WriteProtect),
+            vm.engine.set_dirty_tracking(DirtyTracking::WriteProtect),
             Err(SharingError::State(
                 "write-protection dirty logging needs IO page faults: a pinned device would fault"
             ))
@@ -434,41 +438,43 @@ fn dirty_tracking_strategies() {
     });
     // Optimized keeps 2 MiB leaves: the dirty bit covers the whole leaf.
     with_vm(ShareMode::Optimized, config(), vtd(), |vm, _, _| {
-        vm.add_slot(slot1).unwrap();
-        vm.request_sharing(&vtd()).unwrap();
-        vm.set_slot_flags(0, 1, 1).unwrap();
-        vm.get_dirty_log(0, 1).unwrap();
-        vm.dma(1 << 30, 16 << 12, true, 4096).unwrap();
-        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 512);
+        vm.engine.add_slot(slot1).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        vm.engine.set_slot_flags(0, 1, 1).unwrap();
+        vm.engine.get_dirty_log(0, 1).unwrap();
+        vm.dma(Iova(1 << 30), 16 << 12, true, 4096).unwrap();
+        assert_eq!(vm.engine.get_dirty_log(0, 1).unwrap(), 512);
     });
     // Report all pinned: everything, every time.
     with_vm(ShareMode::Optimized, config(), vtd(), |vm, _, _| {
-        vm.add_slot(slot1).unwrap();
-        vm.request_sharing(&vtd()).unwrap();
-        vm.set_dirty_tracking(DirtyTracking::ReportAllPinned)
+        vm.engine.add_slot(slot1).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        vm.engine
+            .set_dirty_tracking(DirtyTracking::ReportAllPinned)
             .unwrap();
-        vm.set_slot_flags(0, 1, 1).unwrap();
-        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 16384);
-        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 16384);
+        vm.engine.set_slot_flags(0, 1, 1).unwrap();
+        assert_eq!(vm.engine.get_dirty_log(0, 1).unwrap(), 16384);
+        assert_eq!(vm.engine.get_dirty_log(0, 1).unwrap(), 16384);
     });
     // With IO page faults, write-protection: device writes fault, are logged, then re-protected.
     let mut cfg = config();
     cfg.device_iopf = true;
     with_vm(ShareMode::ExportedIopf, cfg, vtd(), |vm, _, _| {
-        vm.add_slot(slot1).unwrap();
-        vm.request_sharing(&vtd()).unwrap();
-        vm.touch(0, 1 << 30, 64 << 20, true).unwrap();
-        vm.set_slot_flags(0, 1, 1).unwrap();
-        vm.dma(1 << 30, 8 << 12, true, 4096).unwrap();
-        vm.touch(1, (1 << 30) + (100 << 12), 4096, true).unwrap();
-        assert_eq!(vm.get_dirty_log(0, 1).unwrap(), 9);
-        vm.dma(1 << 30, 8 << 12, true, 4096).unwrap();
+        vm.engine.add_slot(slot1).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        vm.touch(0, Gpa(1 << 30), 64 << 20, true).unwrap();
+        vm.engine.set_slot_flags(0, 1, 1).unwrap();
+        vm.dma(Iova(1 << 30), 8 << 12, true, 4096).unwrap();
+        vm.touch(1, Gpa((1 << 30) + (100 << 12)), 4096, true)
+            .unwrap();
+        assert_eq!(vm.engine.get_dirty_log(0, 1).unwrap(), 9);
+        vm.dma(Iova(1 << 30), 8 << 12, true, 4096).unwrap();
         assert_eq!(
-            vm.get_dirty_log(0, 1).unwrap(),
+            vm.engine.get_dirty_log(0, 1).unwrap(),
             8,
             "re-protected after the harvest"
         );
-        assert_eq!(vm.totals.dma_faults, 0);
+        assert_eq!(vm.device.dma_faults, 0);
     });
 }
 
@@ -480,23 +486,23 @@ fn stop_sharing_releases_every_pin_and_falls_back() {
         ShareMode::Optimized,
     ] {
         with_vm(mode, config(), vtd(), |vm, sink, arena| {
-            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-            vm.request_sharing(&vtd()).unwrap();
-            vm.add_slot(slot(1, 1 << 32, 1 << 30)).unwrap();
-            assert_eq!(vm.pinner().pinned_pages(), 2 << 18);
-            let unpinned = vm.stop_sharing().unwrap();
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine.request_sharing(&vtd()).unwrap();
+            vm.engine.add_slot(slot(1, 1 << 32, 1 << 30)).unwrap();
+            assert_eq!(vm.engine.pinner().pinned_pages(), 2 << 18);
+            let unpinned = vm.engine.stop_sharing().unwrap();
             assert_eq!(unpinned, 2 << 18, "{mode}");
-            assert_eq!(vm.pinner().pinned_pages(), 0);
+            assert_eq!(vm.engine.pinner().pinned_pages(), 0);
             assert!(
-                !vm.dma_reaches(0x1000),
+                !vm.dma_reaches(Gpa(0x1000)),
                 "{mode}: the IOMMU is back on its own table"
             );
             assert!(sink.take().iter().any(
                 |e| matches!(e.kind, EventKind::SharingStopped { unpinned: u, .. } if u == 2 << 18)
             ));
             // The vCPUs' table no longer holds pins: KVM may zap it again.
-            if let Some(root) = vm.cpu_root() {
-                let leaves = vm.cpu_mmu().leaves(root).unwrap();
+            if let Some(root) = vm.engine.cpu_root() {
+                let leaves = vm.engine.cpu_mmu().leaves(root).unwrap();
                 assert!(leaves.iter().all(|l| !l.attrs.pinned), "{mode}");
             }
             if mode == ShareMode::SeparateTable {
@@ -518,35 +524,43 @@ fn a_moved_slot_is_reachable_at_its_new_address_only() {
         ShareMode::Optimized,
     ] {
         with_vm(mode, config(), vtd(), |vm, _, _| {
-            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-            vm.add_slot(slot(1, 1 << 31, 64 << 20)).unwrap();
-            vm.request_sharing(&vtd()).unwrap();
-            vm.move_slot(0, 1, 3 << 30).unwrap();
-            assert!(!vm.dma_reaches(1 << 31), "{mode}: old address still mapped");
-            assert!(vm.dma_reaches(3 << 30), "{mode}: new address not mapped");
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine.add_slot(slot(1, 1 << 31, 64 << 20)).unwrap();
+            vm.engine.request_sharing(&vtd()).unwrap();
+            vm.engine.move_slot(0, 1, Gpa(3 << 30)).unwrap();
+            assert!(
+                !vm.dma_reaches(Gpa(1 << 31)),
+                "{mode}: old address still mapped"
+            );
+            assert!(
+                vm.dma_reaches(Gpa(3 << 30)),
+                "{mode}: new address not mapped"
+            );
             assert_eq!(vm.verify_pinned_dma(), 0, "{mode}");
-            assert_eq!(vm.pinner().pinned_pages(), (1 << 18) + (64 << 8));
+            assert_eq!(vm.engine.pinner().pinned_pages(), (1 << 18) + (64 << 8));
         });
     }
 }
 
 #[test]
 fn p2p_mmio_is_mapped_for_dma_with_huge_leaves_where_the_mode_allows() {
-    use tdpshare::vm::MmioRange;
+    use tdpshare::sharing::MmioRange;
     for (mode, want_2m) in [(ShareMode::PinPrepopulate, 0), (ShareMode::Optimized, 128)] {
         with_vm(mode, config(), vtd(), |vm, _, _| {
-            vm.add_slot(slot(0, 0, 1 << 30)).unwrap();
-            vm.request_sharing(&vtd()).unwrap();
-            vm.add_mmio(MmioRange {
-                gpa: 0x8_0000_0000,
-                size: 256 << 20,
-                hpa: 0x38_0000_0000,
-            })
-            .unwrap();
-            vm.dma(0x8_0000_0000, 256 << 20, true, 1 << 20).unwrap();
-            assert_eq!(vm.totals.dma_faults, 0, "{mode}");
-            assert_eq!(vm.totals.dma_wrong, 0, "{mode}");
-            let [_, l2m, _] = vm.iommu_leaf_census().unwrap();
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine.request_sharing(&vtd()).unwrap();
+            vm.engine
+                .add_mmio(MmioRange {
+                    gpa: Gpa(0x8_0000_0000),
+                    size: 256 << 20,
+                    hpa: Hpa(0x38_0000_0000),
+                })
+                .unwrap();
+            vm.dma(Iova(0x8_0000_0000), 256 << 20, true, 1 << 20)
+                .unwrap();
+            assert_eq!(vm.device.dma_faults, 0, "{mode}");
+            assert_eq!(vm.device.dma_wrong, 0, "{mode}");
+            let [_, l2m, _] = vm.engine.iommu_leaf_census().unwrap();
             // The 1 GiB slot is one 1G leaf; the BAR is 2 MiB leaves or 4 KiB ones.
             assert_eq!(l2m, want_2m, "{mode}");
         });
@@ -569,8 +583,8 @@ fn every_shipped_scenario_runs_in_every_mode() {
         };
         for mode in ShareMode::ALL {
             let r = run_mode(&s, mode, 1, opts).unwrap_or_else(|e| panic!("{}: {e}", s.name));
-            assert_eq!(r.totals.verify_faults, 0, "{} in {mode}", s.name);
-            assert_eq!(r.totals.dma_wrong, 0, "{} in {mode}", s.name);
+            assert_eq!(r.device.verify_faults, 0, "{} in {mode}", s.name);
+            assert_eq!(r.device.dma_wrong, 0, "{} in {mode}", s.name);
             assert_eq!(r.pinned_pages_end, 0, "{} in {mode}: pins left", s.name);
             if s.name == "refused" {
                 let reason = &r.refusals[0];
@@ -586,7 +600,7 @@ fn every_shipped_scenario_runs_in_every_mode() {
                     s.name,
                     r.refusals
                 );
-                assert_eq!(r.totals.dma_faults, 0, "{} in {mode}", s.name);
+                assert_eq!(r.device.dma_faults, 0, "{} in {mode}", s.name);
             }
         }
         names.push(s.name);

@@ -4,11 +4,17 @@
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
+use tdpshare::event::trace::{
+    FORMAT_NAME, FORMAT_VERSION, Header, TraceError, TraceReader, TraceWriter,
+};
 use tdpshare::event::*;
-use tdpshare::trace::{FORMAT_NAME, FORMAT_VERSION, Header, TraceError, TraceReader, TraceWriter};
+use tdpshare::{Gfn, Gpa, Iova};
 
 fn range() -> impl Strategy<Value = GpaRange> {
-    (any::<u64>(), any::<u64>()).prop_map(|(start, size)| GpaRange { start, size })
+    (any::<u64>(), any::<u64>()).prop_map(|(start, size)| GpaRange {
+        start: Gpa(start),
+        size,
+    })
 }
 
 fn page_size() -> impl Strategy<Value = PageSize> {
@@ -58,7 +64,7 @@ fn memslot() -> impl Strategy<Value = Memslot> {
         .prop_map(|(slot, as_id, gpa, size, flags, ua)| Memslot {
             slot,
             as_id,
-            gpa,
+            gpa: Gpa(gpa),
             size,
             flags,
             ua,
@@ -115,22 +121,40 @@ fn kind() -> impl Strategy<Value = EventKind> {
                 entries,
             }
         }),
-        (any::<u64>(), 2u8..=3).prop_map(|(gfn, level)| EventKind::HugePageSplit { gfn, level }),
-        (any::<u64>(), 2u8..=3).prop_map(|(gfn, level)| EventKind::HugePageCollapse { gfn, level }),
+        (any::<u64>(), 2u8..=3).prop_map(|(gfn, level)| EventKind::HugePageSplit {
+            gfn: Gfn(gfn),
+            level
+        }),
+        (any::<u64>(), 2u8..=3).prop_map(|(gfn, level)| EventKind::HugePageCollapse {
+            gfn: Gfn(gfn),
+            level
+        }),
         (any::<u64>(), 1u8..=5, flags(), flags()).prop_map(|(gfn, level, old, new)| {
             EventKind::SpteSet {
-                gfn,
+                gfn: Gfn(gfn),
                 level,
                 old,
                 new,
             }
         }),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(gfn, error_code)| EventKind::PageFault { gfn, error_code }),
-        (any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(iova, size, ns)| EventKind::IommuMap { iova, size, ns }),
-        (any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(iova, size, ns)| EventKind::IommuUnmap { iova, size, ns }),
+        (any::<u64>(), any::<u64>()).prop_map(|(gfn, error_code)| EventKind::PageFault {
+            gfn: Gfn(gfn),
+            error_code
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(iova, size, ns)| {
+            EventKind::IommuMap {
+                iova: Iova(iova),
+                size,
+                ns,
+            }
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(iova, size, ns)| {
+            EventKind::IommuUnmap {
+                iova: Iova(iova),
+                size,
+                ns,
+            }
+        }),
         (
             scope,
             proptest::option::of(any::<u32>()),
@@ -147,8 +171,10 @@ fn kind() -> impl Strategy<Value = EventKind> {
         (range(), any::<u64>()).prop_map(|(range, pages)| EventKind::Unpin { range, pages }),
         memslot().prop_map(EventKind::MemslotAdd),
         memslot().prop_map(EventKind::MemslotDelete),
-        (any::<u64>(), memslot())
-            .prop_map(|(old_gpa, slot)| EventKind::MemslotMove { old_gpa, slot }),
+        (any::<u64>(), memslot()).prop_map(|(old_gpa, slot)| EventKind::MemslotMove {
+            old_gpa: Gpa(old_gpa),
+            slot
+        }),
         (any::<u32>(), memslot())
             .prop_map(|(old_flags, slot)| EventKind::MemslotFlags { old_flags, slot }),
         mode().prop_map(|mode| EventKind::SharingRequested { mode }),
@@ -159,7 +185,7 @@ fn kind() -> impl Strategy<Value = EventKind> {
         (mode(), ".*").prop_map(|(mode, reason)| EventKind::SharingRefused { mode, reason }),
         (any::<u64>(), any::<bool>(), any::<bool>()).prop_map(|(iova, write, resolved)| {
             EventKind::IoPageFault {
-                iova,
+                iova: Iova(iova),
                 write,
                 resolved,
             }

@@ -9,8 +9,7 @@ use tdpshare::event::{
     Event, EventKind, FlushScope, GpaRange, Memslot, PageSize, PrepopCause, Root, RootCause,
     Source, SpteFlags,
 };
-use tdpshare::format::PteFormat;
-use tdpshare::slot_tracker::SlotTracker;
+use tdpshare::{Gfn, Gpa, Iova, Level, PteFormat, SlotTracker};
 use tdpshare_probes_common::{RECORD_DATA, RECORD_SIZE, Record, probe};
 
 use crate::btf::RoleLayout;
@@ -56,6 +55,11 @@ fn le_u32(d: &[u8], o: usize) -> u64 {
 
 fn le_u64(d: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(d[o..o + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// A level field of a tracepoint; anything but 1..=5 makes the record undecodable.
+fn level_of(raw: u64) -> Result<Level, ()> {
+    u8::try_from(raw).ok().and_then(Level::new).ok_or(())
 }
 
 /// Turns records into events.
@@ -201,9 +205,9 @@ impl Decoder {
                 if self.is_pae_root_page(r.tgid, gfn, role) {
                     return Ok(vec![]); // the other three pages of a PAE root set
                 }
-                let size = PteFormat::level_size(self.role.level(role).max(1));
+                let size = level_of(u64::from(self.role.level(role)))?.size();
                 one(EventKind::Zap {
-                    range: GpaRange::new((gfn << 12) & !(size - 1), size),
+                    range: GpaRange::new(Gfn(gfn).gpa().align_down(size), size),
                     tables: true,
                     entries: 1,
                 })
@@ -213,46 +217,46 @@ impl Decoder {
                 pages: f("mmu_used_pages")?,
             }),
             probe::KVM_MMU_SPLIT_HUGE_PAGE => one(EventKind::HugePageSplit {
-                gfn: f("gfn")?,
-                level: f("level")? as u8,
+                gfn: Gfn(f("gfn")?),
+                level: level_of(f("level")?)?.get(),
             }),
             probe::KVM_MMU_SET_SPTE => {
-                let level = f("level")? as u8;
+                let level = level_of(f("level")?)?;
                 one(EventKind::SpteSet {
-                    gfn: f("gfn")?,
-                    level,
+                    gfn: Gfn(f("gfn")?),
+                    level: level.get(),
                     old: SpteFlags::empty(),
-                    new: self.spte.flags(f("spte")?, level),
+                    new: SpteFlags::of_entry(&self.spte, f("spte")?, level),
                 })
             }
             probe::KVM_TDP_MMU_SPTE_CHANGED => {
-                let level = f("level")? as u8;
+                let level = level_of(f("level")?)?;
                 one(EventKind::SpteSet {
-                    gfn: f("gfn")?,
-                    level,
-                    old: self.spte.flags(f("old_spte")?, level),
-                    new: self.spte.flags(f("new_spte")?, level),
+                    gfn: Gfn(f("gfn")?),
+                    level: level.get(),
+                    old: SpteFlags::of_entry(&self.spte, f("old_spte")?, level),
+                    new: SpteFlags::of_entry(&self.spte, f("new_spte")?, level),
                 })
             }
             probe::KVM_PAGE_FAULT => Ok(vec![(
                 EventKind::PageFault {
-                    gfn: f("fault_address")? >> 12,
+                    gfn: Gpa(f("fault_address")?).gfn(),
                     error_code: f("error_code")?,
                 },
                 Some(f("vcpu_id")? as u32),
             )]),
             probe::IOMMU_MAP => one(EventKind::IommuMap {
-                iova: f("iova")?,
+                iova: Iova(f("iova")?),
                 size: f("size")?,
                 ns: 0,
             }),
             probe::IOMMU_UNMAP => one(EventKind::IommuUnmap {
-                iova: f("iova")?,
+                iova: Iova(f("iova")?),
                 size: f("unmapped_size").or_else(|_| f("size"))?,
                 ns: 0,
             }),
             probe::IOMMU_IO_PAGE_FAULT => one(EventKind::IoPageFault {
-                iova: f("iova")?,
+                iova: Iova(f("iova")?),
                 // IOMMU_FAULT_WRITE
                 write: f("flags")? & 0x1 != 0,
                 resolved: false,
@@ -270,7 +274,10 @@ impl Decoder {
                     2 => (FlushScope::Domain, None),
                     _ => (
                         FlushScope::Range,
-                        Some(GpaRange::new(qw1 & !0xfff, 4096 << (qw1 & 0x3f))),
+                        Some(GpaRange::new(
+                            Gpa(qw1).align_down(4096),
+                            4096u64.checked_shl((qw1 & 0x3f) as u32).unwrap_or(u64::MAX),
+                        )),
                     ),
                 };
                 one(EventKind::IotlbFlush {
@@ -289,15 +296,20 @@ impl Decoder {
                 one(EventKind::IotlbFlush {
                     scope: FlushScope::Range,
                     domain: f("domain_id").ok().map(|d| d as u32),
-                    range: Some(GpaRange::new(start, end.saturating_sub(start) + 1)),
+                    range: Some(GpaRange::new(
+                        Gpa(start),
+                        end.saturating_sub(start).saturating_add(1),
+                    )),
                     ns: 0,
                 })
             }
             probe::TDPSHARE_PREPOPULATE => {
                 let (start, end) = (f("gfn_start")?, f("gfn_end")?);
                 one(EventKind::PrepopulateEnd {
-                    range: GpaRange::new(start << 12, (end - start.min(end)) << 12),
-                    page_size: PageSize::from_level(f("level")? as u8).unwrap_or(PageSize::Size4K),
+                    range: GpaRange::of_frames(Gfn(start), end.saturating_sub(start)),
+                    page_size: level_of(f("level")?)?
+                        .page_size()
+                        .unwrap_or(PageSize::Size4K),
                     cause: PrepopCause::NewRoot,
                     entries: f("entries")?,
                     ns: f("ns")?,
@@ -318,7 +330,7 @@ impl Decoder {
                         FlushScope::Range
                     },
                     domain: None,
-                    range: (size != 0).then(|| GpaRange::new(f("start").unwrap_or(0), size)),
+                    range: (size != 0).then(|| GpaRange::new(Gpa(f("start").unwrap_or(0)), size)),
                     ns: f("ns")?,
                 })
             }
@@ -335,13 +347,13 @@ impl Decoder {
         }
         let d = &r.data;
         let ns = r.latency_ns;
-        let pin = |iova: u64, size: u64| EventKind::Pin {
-            range: GpaRange::new(iova, size),
-            pages: GpaRange::new(iova, size).pages_4k(),
+        let pin = |iova: Iova, size: u64| EventKind::Pin {
+            range: GpaRange::new(iova.gpa(), size),
+            pages: GpaRange::new(iova.gpa(), size).pages_4k(),
         };
-        let unpin = |iova: u64, size: u64| EventKind::Unpin {
-            range: GpaRange::new(iova, size),
-            pages: GpaRange::new(iova, size).pages_4k(),
+        let unpin = |iova: Iova, size: u64| EventKind::Unpin {
+            range: GpaRange::new(iova.gpa(), size),
+            pages: GpaRange::new(iova.gpa(), size).pages_4k(),
         };
         Ok(match id {
             probe::IOCTL_SET_USER_MEMORY_REGION | probe::IOCTL_SET_USER_MEMORY_REGION2 => {
@@ -352,7 +364,7 @@ impl Decoder {
                     slot,
                     as_id,
                     flags: le_u32(d, 4) as u32,
-                    gpa: le_u64(d, 8),
+                    gpa: Gpa(le_u64(d, 8)),
                     size: le_u64(d, 16),
                     ua: le_u64(d, 24),
                 };
@@ -366,7 +378,7 @@ impl Decoder {
             }
             probe::IOCTL_PRE_FAULT_MEMORY => {
                 // struct kvm_pre_fault_memory: gpa, size, flags.
-                let range = GpaRange::new(le_u64(d, 0), le_u64(d, 8));
+                let range = GpaRange::new(Gpa(le_u64(d, 0)), le_u64(d, 8));
                 vec![EventKind::PrepopulateEnd {
                     range,
                     page_size: PageSize::Size4K,
@@ -377,22 +389,22 @@ impl Decoder {
             }
             probe::IOCTL_VFIO_MAP_DMA => {
                 // struct vfio_iommu_type1_dma_map: argsz, flags, vaddr, iova, size.
-                let (iova, size) = (le_u64(d, 16), le_u64(d, 24));
+                let (iova, size) = (Iova(le_u64(d, 16)), le_u64(d, 24));
                 vec![EventKind::IommuMap { iova, size, ns }, pin(iova, size)]
             }
             probe::IOCTL_VFIO_UNMAP_DMA => {
                 // struct vfio_iommu_type1_dma_unmap: argsz, flags, iova, size.
-                let (iova, size) = (le_u64(d, 8), le_u64(d, 16));
+                let (iova, size) = (Iova(le_u64(d, 8)), le_u64(d, 16));
                 vec![EventKind::IommuUnmap { iova, size, ns }, unpin(iova, size)]
             }
             probe::IOCTL_IOAS_MAP => {
                 // struct iommu_ioas_map: size, flags, ioas_id, reserved, user_va, length, iova.
-                let (size, iova) = (le_u64(d, 24), le_u64(d, 32));
+                let (size, iova) = (le_u64(d, 24), Iova(le_u64(d, 32)));
                 vec![EventKind::IommuMap { iova, size, ns }, pin(iova, size)]
             }
             probe::IOCTL_IOAS_UNMAP => {
                 // struct iommu_ioas_unmap: size, ioas_id, iova, length.
-                let (iova, size) = (le_u64(d, 8), le_u64(d, 16));
+                let (iova, size) = (Iova(le_u64(d, 8)), le_u64(d, 16));
                 vec![EventKind::IommuUnmap { iova, size, ns }, unpin(iova, size)]
             }
             _ => return Err(()),
@@ -537,7 +549,12 @@ mod tests {
                 pages: 9
             }
         );
-        let leaf = PteFormat::EPT4.leaf(0x1000, 1, tdpshare::format::Perms::RW, Default::default());
+        let leaf = PteFormat::EPT4.leaf(
+            tdpshare::Hpa(0x1000),
+            Level::L1,
+            tdpshare::decision::format::Perms::RW,
+            Default::default(),
+        );
         let r = record(
             probe::KVM_TDP_MMU_SPTE_CHANGED,
             &[
@@ -557,7 +574,7 @@ mod tests {
         };
         assert_eq!(
             (gfn, level, old.to_string(), new.to_string()),
-            (5, 1, "---------".into(), "prw------".into())
+            (Gfn(5), 1, "---------".into(), "prw------".into())
         );
         let r = record(
             probe::KVM_PAGE_FAULT,
@@ -572,7 +589,7 @@ mod tests {
         assert_eq!(
             e.kind,
             EventKind::PageFault {
-                gfn: 0x12345,
+                gfn: Gfn(0x12345),
                 error_code: 2
             }
         );
@@ -586,7 +603,7 @@ mod tests {
         assert_eq!(
             d.decode(&r)[0].kind,
             EventKind::IommuMap {
-                iova: 0x1000,
+                iova: Iova(0x1000),
                 size: 0x2000,
                 ns: 0
             }
@@ -659,12 +676,12 @@ mod tests {
             kinds,
             vec![
                 EventKind::IommuMap {
-                    iova: 0x10_0000,
+                    iova: Iova(0x10_0000),
                     size: 0x20_0000,
                     ns: 12_345
                 },
                 EventKind::Pin {
-                    range: GpaRange::new(0x10_0000, 0x20_0000),
+                    range: GpaRange::new(Gpa(0x10_0000), 0x20_0000),
                     pages: 512
                 },
             ]

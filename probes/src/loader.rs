@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
+use tdpshare::Log2Histogram;
 use tdpshare::event::Event;
-use tdpshare::stats::Log2Histogram;
 use tdpshare_probes_common::split_hist_key;
 
 use crate::btf::RoleLayout;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tdpshare::event::Source;
-use tdpshare::trace::{Header, TraceError, TraceFile};
+use tdpshare::{Header, TraceError, TraceFile};
 
 use crate::catalog;
 use crate::loader::{KernelCounters, LoadOptions, Session, kernel_release, status_table};

@@ -438,7 +438,7 @@ mod tests {
             vm,
             Source::Live,
             EventKind::Pin {
-                range: GpaRange::new(0, pages << 12),
+                range: GpaRange::new(tdpshare::Gpa(0), pages << 12),
                 pages,
             },
         ))
@@ -452,7 +452,7 @@ mod tests {
             EventKind::MemslotAdd(Memslot {
                 slot: 1,
                 as_id: 0,
-                gpa: 0x1000,
+                gpa: tdpshare::Gpa(0x1000),
                 size: 0x2000,
                 flags: 0,
                 ua: 0,

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use tdpshare::VmStats;
 use tdpshare::event::{Event, VmId};
-use tdpshare::stats::VmStats;
 
 /// A value in a column: counts stay integers, durations and sizes are shown with a unit.
 #[derive(Debug, Clone, PartialEq)]
@@ -328,7 +328,7 @@ mod tests {
 
     fn overview() -> Overview {
         let mut o = Overview::default();
-        let range = GpaRange::new(0, 1 << 30);
+        let range = GpaRange::new(tdpshare::Gpa(0), 1 << 30);
         for (vm, pages) in [(7, 512), (3, 262144), (9, 1)] {
             o.record(&Event::new(
                 0,

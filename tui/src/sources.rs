@@ -9,9 +9,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tdpshare::TraceReader;
 use tdpshare::event::{Event, ShareMode};
 use tdpshare::sim::{RunOptions, Scenario, run_mode};
-use tdpshare::trace::TraceReader;
 use tdpshare_probes::loader::{LoadOptions, Session};
 
 use crate::app::{Action, ProbeRow};

@@ -6,7 +6,7 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Cell, Clear, Paragraph, Row, Sparkline, Table, Wrap};
-use tdpshare::stats::Log2Histogram;
+use tdpshare::Log2Histogram;
 
 use crate::app::{App, CLASSES, View};
 use crate::overview::{COLUMNS, VmRow};

@@ -5,10 +5,10 @@
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use sharetop::app::{Action, App, ProbeRow, View};
+use tdpshare::TraceReader;
 use tdpshare::event::{
     Event, EventKind, FlushScope, GpaRange, PageSize, PrepopCause, Root, RootCause, Source,
 };
-use tdpshare::trace::TraceReader;
 
 fn fixture_app() -> App {
     let mut app = App::new("replay fixtures/traces/live-seabios-qemu-512m.jsonl");
@@ -38,7 +38,7 @@ fn fixture_app() -> App {
         app.update(ev(
             ts + 1,
             EventKind::PrepopulateEnd {
-                range: GpaRange::new(0, 8 << 30),
+                range: GpaRange::new(tdpshare::Gpa(0), 8 << 30),
                 page_size: PageSize::Size2M,
                 cause: PrepopCause::NewRoot,
                 entries: 4096 + i * 100,
@@ -59,7 +59,7 @@ fn fixture_app() -> App {
         app.update(ev(
             ts + 10,
             EventKind::IommuMap {
-                iova: i << 30,
+                iova: tdpshare::Iova(i << 30),
                 size: 1 << 30,
                 ns: 2_000_000 + i * 50_000,
             },
@@ -80,7 +80,7 @@ fn fixture_app() -> App {
     app.update(ev(
         12_000_000_000,
         EventKind::Pin {
-            range: GpaRange::new(0, 8 << 30),
+            range: GpaRange::new(tdpshare::Gpa(0), 8 << 30),
             pages: 2 << 20,
         },
     ));

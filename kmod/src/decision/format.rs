@@ -27,8 +27,9 @@
 //! the CPU's and the AMD IOMMU v2's walk, so KVM's choice stays.
 
 use core::fmt;
+use core::str::FromStr;
 
-use crate::event::SpteFlags;
+use super::addr::{Gfn, Hpa, Level};
 
 /// The family of a page-table format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +38,19 @@ pub enum Kind {
     Ept,
     /// AMD NPT: the x86-64 long-mode layout; AMD IOMMU v2 (guest tables) uses the same.
     Npt,
+}
+
+impl Kind {
+    /// Both kinds.
+    pub const ALL: [Kind; 2] = [Kind::Ept, Kind::Npt];
+
+    /// The lower-case name scenario files and command lines use (`ept`, `npt`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Ept => "ept",
+            Kind::Npt => "npt",
+        }
+    }
 }
 
 impl fmt::Display for Kind {
@@ -48,31 +62,63 @@ impl fmt::Display for Kind {
     }
 }
 
+/// A name that is not a [`Kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownKind;
+
+impl fmt::Display for UnknownKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a page-table format kind is \"ept\" or \"npt\"")
+    }
+}
+
+impl FromStr for Kind {
+    type Err = UnknownKind;
+    fn from_str(s: &str) -> Result<Kind, UnknownKind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or(UnknownKind)
+    }
+}
+
 /// Access rights of a leaf, independent of the encoding.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Perms(u8);
 
 impl Perms {
+    /// No access.
     pub const NONE: Perms = Perms(0);
+    /// Read.
     pub const R: Perms = Perms(1);
+    /// Write.
     pub const W: Perms = Perms(2);
+    /// Execute.
     pub const X: Perms = Perms(4);
+    /// Read and write.
     pub const RW: Perms = Perms(3);
+    /// Read and execute.
     pub const RX: Perms = Perms(5);
+    /// Everything.
     pub const RWX: Perms = Perms(7);
 
+    /// Grants everything `other` grants.
     pub const fn contains(self, other: Perms) -> bool {
         self.0 & other.0 == other.0
     }
+    /// Both sets of rights.
     pub const fn union(self, other: Perms) -> Perms {
         Perms(self.0 | other.0)
     }
+    /// These rights less `other`.
     pub const fn without(self, other: Perms) -> Perms {
         Perms(self.0 & !other.0)
     }
+    /// The bits (R = 1, W = 2, X = 4).
     pub const fn bits(self) -> u8 {
         self.0
     }
+    /// Rights from bits (R = 1, W = 2, X = 4; others ignored).
     pub const fn from_bits(bits: u8) -> Perms {
         Perms(bits & 7)
     }
@@ -100,7 +146,7 @@ pub struct LeafAttrs {
     pub ipat: bool,
     /// VT-d SNP: force snooping of DMA through this entry.
     pub snoop: bool,
-    /// Pinned for DMA: may only change non-zero → non-zero (see `tdp_mmu`).
+    /// Pinned for DMA: may only change non-zero → non-zero (see the TDP MMU).
     pub pinned: bool,
 }
 
@@ -110,26 +156,36 @@ pub const MEMTYPE_WB: u8 = 6;
 /// One page-table entry format, as masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PteFormat {
+    /// EPT or NPT.
     pub kind: Kind,
-    /// Paging levels (4 or 5).
-    pub levels: u8,
+    /// Paging levels: the root's level (4 or 5).
+    pub levels: Level,
     /// Largest level a leaf may sit at (3 = 1 GiB).
-    pub max_huge_level: u8,
+    pub max_huge_level: Level,
     /// The bit a hardware walker needs to treat an entry as present; 0 when the format has none
     /// (EPT: present means any of R/W/X).
     pub present: u64,
+    /// Read permission.
     pub read: u64,
+    /// Write permission.
     pub write: u64,
     /// Set to allow execution (EPT); 0 when execution is allowed by the absence of `nx`.
     pub exec: u64,
     /// Set to forbid execution (x86-64 NX); 0 when the format has `exec`.
     pub nx: u64,
+    /// User-mode access (x86-64 U/S); 0 when the format has none.
     pub user: u64,
+    /// A leaf above level 1 (PS).
     pub huge: u64,
+    /// Set by hardware on use.
     pub accessed: u64,
+    /// Set by hardware on write.
     pub dirty: u64,
+    /// Position of the memory-type field.
     pub memtype_shift: u32,
+    /// The memory-type field; 0 when the format has none.
     pub memtype_mask: u64,
+    /// Ignore PAT (EPT); 0 when the format has none.
     pub ipat: u64,
     /// VT-d SNP; 0 when the format has none.
     pub snp: u64,
@@ -151,17 +207,22 @@ const fn bit(n: u32) -> u64 {
 const ADDR_MASK: u64 = ((1 << 52) - 1) & !0xfff;
 
 impl PteFormat {
-    pub const EPT4: PteFormat = PteFormat::ept(4);
-    pub const EPT5: PteFormat = PteFormat::ept(5);
-    pub const NPT4: PteFormat = PteFormat::npt(4);
-    pub const NPT5: PteFormat = PteFormat::npt(5);
+    /// EPT, 4 levels.
+    pub const EPT4: PteFormat = PteFormat::ept(Level::L4);
+    /// EPT, 5 levels.
+    pub const EPT5: PteFormat = PteFormat::ept(Level::L5);
+    /// NPT, 4 levels.
+    pub const NPT4: PteFormat = PteFormat::npt(Level::L4);
+    /// NPT, 5 levels.
+    pub const NPT5: PteFormat = PteFormat::npt(Level::L5);
+    /// Every format.
     pub const ALL: [PteFormat; 4] = [Self::EPT4, Self::EPT5, Self::NPT4, Self::NPT5];
 
-    const fn ept(levels: u8) -> PteFormat {
+    const fn ept(levels: Level) -> PteFormat {
         PteFormat {
             kind: Kind::Ept,
             levels,
-            max_huge_level: 3,
+            max_huge_level: Level::L3,
             present: 0,
             read: bit(0),
             write: bit(1),
@@ -182,11 +243,11 @@ impl PteFormat {
         }
     }
 
-    const fn npt(levels: u8) -> PteFormat {
+    const fn npt(levels: Level) -> PteFormat {
         PteFormat {
             kind: Kind::Npt,
             levels,
-            max_huge_level: 3,
+            max_huge_level: Level::L3,
             present: bit(0),
             read: bit(0),
             write: bit(1),
@@ -218,35 +279,25 @@ impl PteFormat {
         }
     }
 
-    /// Bytes one entry at `level` maps (level 1 = 4 KiB).
-    pub const fn level_size(level: u8) -> u64 {
-        1 << (12 + 9 * (level as u32 - 1))
+    /// One past the highest guest frame this format can translate.
+    pub const fn gfn_limit(&self) -> Gfn {
+        Gfn(self.levels.table_frames())
     }
 
-    /// Index of `gfn` in a table at `level`.
-    pub const fn index(gfn: u64, level: u8) -> usize {
-        ((gfn >> (9 * (level as u32 - 1))) & 511) as usize
+    /// `hpa` fits the address field (page-aligned, below 2^52).
+    pub const fn can_address(&self, hpa: Hpa) -> bool {
+        hpa.0 & !self.addr_mask == 0
     }
 
-    /// Guest frames covered by one entry at `level`.
-    pub const fn frames(level: u8) -> u64 {
-        1 << (9 * (level as u32 - 1))
-    }
-
-    /// Highest guest frame number + 1 this format can translate.
-    pub const fn gfn_limit(&self) -> u64 {
-        1 << (9 * self.levels as u32)
-    }
-
-    /// Encodes a non-leaf entry pointing at the table at `table_pa`.
-    pub const fn table(&self, table_pa: u64) -> u64 {
-        (table_pa & self.addr_mask) | self.table_bits | self.mmu_present
+    /// Encodes a non-leaf entry pointing at the table at `table`.
+    pub const fn table(&self, table: Hpa) -> u64 {
+        (table.0 & self.addr_mask) | self.table_bits | self.mmu_present
     }
 
     /// Encodes a leaf at `level` mapping host physical `hpa`.
-    pub const fn leaf(&self, hpa: u64, level: u8, perms: Perms, attrs: LeafAttrs) -> u64 {
+    pub const fn leaf(&self, hpa: Hpa, level: Level, perms: Perms, attrs: LeafAttrs) -> u64 {
         // NPT's present bit is its read bit: a leaf without read is not present to hardware.
-        let mut e = (hpa & self.addr_mask) | self.mmu_present | self.user;
+        let mut e = (hpa.0 & self.addr_mask) | self.mmu_present | self.user;
         if perms.contains(Perms::R) {
             e |= self.read;
         }
@@ -258,7 +309,7 @@ impl PteFormat {
         } else {
             e |= self.nx;
         }
-        if level > 1 {
+        if level.get() > 1 {
             e |= self.huge;
         }
         e |= ((attrs.memtype as u64) << self.memtype_shift) & self.memtype_mask;
@@ -280,16 +331,23 @@ impl PteFormat {
     }
 
     /// A present entry at `level` is a leaf (level 1, or a huge page).
-    pub const fn is_leaf(&self, e: u64, level: u8) -> bool {
-        level == 1 || e & self.huge != 0
+    pub const fn is_leaf(&self, e: u64, level: Level) -> bool {
+        level.get() == 1 || e & self.huge != 0
     }
 
-    pub const fn addr(&self, e: u64) -> u64 {
-        e & self.addr_mask
+    /// The host address an entry points at (a table or a page).
+    pub const fn addr(&self, e: u64) -> Hpa {
+        Hpa(e & self.addr_mask)
     }
 
+    /// The entry carries the pinned marker.
     pub const fn is_pinned(&self, e: u64) -> bool {
         e & self.pinned != 0
+    }
+
+    /// The accessed and dirty bits together.
+    pub const fn ad_bits(&self) -> u64 {
+        self.accessed | self.dirty
     }
 
     /// The rights a leaf grants.
@@ -311,8 +369,7 @@ impl PteFormat {
     pub const fn with_perms(&self, e: u64, perms: Perms) -> u64 {
         // NPT's read bit is the present bit: a leaf without read stays present to software but
         // not to hardware, exactly as KVM encodes it.
-        let cleared = e & !(self.read | self.write | self.exec | self.nx);
-        let mut n = cleared;
+        let mut n = e & !(self.read | self.write | self.exec | self.nx);
         if perms.contains(Perms::R) {
             n |= self.read;
         }
@@ -339,44 +396,6 @@ impl PteFormat {
             snoop: e & self.snp != 0,
             pinned: e & self.pinned != 0,
         }
-    }
-
-    /// The event model's view of an entry at `level`.
-    pub fn flags(&self, e: u64, level: u8) -> SpteFlags {
-        if !self.is_present(e) {
-            return SpteFlags::empty();
-        }
-        let mut f = SpteFlags::PRESENT;
-        let leaf = self.is_leaf(e, level);
-        if leaf {
-            let p = self.perms(e);
-            let pairs = [
-                (Perms::R, SpteFlags::READ),
-                (Perms::W, SpteFlags::WRITE),
-                (Perms::X, SpteFlags::EXEC),
-            ];
-            for (perm, flag) in pairs {
-                if p.contains(perm) {
-                    f = f | flag;
-                }
-            }
-            if level > 1 {
-                f = f | SpteFlags::HUGE;
-            }
-            if e & self.dirty != 0 {
-                f = f | SpteFlags::DIRTY;
-            }
-            if self.snp != 0 && e & self.snp != 0 {
-                f = f | SpteFlags::SNOOP;
-            }
-            if e & self.pinned != 0 {
-                f = f | SpteFlags::PINNED;
-            }
-        }
-        if e & self.accessed != 0 {
-            f = f | SpteFlags::ACCESSED;
-        }
-        f
     }
 
     /// Bits an entry of this format may have; anything else is malformed.
@@ -407,6 +426,7 @@ impl fmt::Display for PteFormat {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -437,10 +457,10 @@ mod tests {
             pinned: true,
         };
         for f in PteFormat::ALL {
-            for level in 1..=3 {
+            for level in [Level::L1, Level::L2, Level::L3] {
                 for p in 0..8 {
                     let perms = Perms::from_bits(p);
-                    let hpa = 0x1234_5000_0000u64 & !(PteFormat::level_size(level) - 1);
+                    let hpa = Hpa(0x1234_5000_0000).align_down(level.size());
                     let e = f.leaf(hpa, level, perms, attrs);
                     assert!(f.is_present(e));
                     assert!(f.is_leaf(e, level));
@@ -468,8 +488,8 @@ mod tests {
     #[test]
     fn concrete_encodings() {
         let ept = PteFormat::EPT4.leaf(
-            0x20_0000,
-            2,
+            Hpa(0x20_0000),
+            Level::L2,
             Perms::RW,
             LeafAttrs {
                 memtype: MEMTYPE_WB,
@@ -477,23 +497,21 @@ mod tests {
             },
         );
         assert_eq!(ept, 0x20_0000 | 0b11 | (6 << 3) | (1 << 7) | (1 << 59));
-        let npt = PteFormat::NPT4.leaf(0x1000, 1, Perms::RW, LeafAttrs::default());
+        let npt = PteFormat::NPT4.leaf(Hpa(0x1000), Level::L1, Perms::RW, LeafAttrs::default());
         assert_eq!(npt, 0x1000 | 0b111 | (1 << 11) | (1 << 63));
         assert_eq!(
-            PteFormat::EPT5.table(0xabc000),
+            PteFormat::EPT5.table(Hpa(0xabc000)),
             0xabc000 | 0b111 | (1 << 59)
         );
-        assert!(!PteFormat::NPT4.is_leaf(PteFormat::NPT4.table(0x1000), 2));
+        assert!(!PteFormat::NPT4.is_leaf(PteFormat::NPT4.table(Hpa(0x1000)), Level::L2));
     }
 
     #[test]
     fn geometry() {
-        assert_eq!(PteFormat::level_size(1), 4096);
-        assert_eq!(PteFormat::level_size(3), 1 << 30);
-        assert_eq!(PteFormat::index(0x1ff, 1), 511);
-        assert_eq!(PteFormat::index(1 << 9, 2), 1);
-        assert_eq!(PteFormat::EPT4.gfn_limit(), 1 << 36);
+        assert_eq!(PteFormat::EPT4.gfn_limit(), Gfn(1 << 36));
         assert_eq!(PteFormat::of(Kind::Npt, 5), Some(PteFormat::NPT5));
         assert_eq!(PteFormat::of(Kind::Npt, 3), None);
+        assert_eq!("NPT".parse(), Ok(Kind::Npt));
+        assert_eq!("arm".parse::<Kind>(), Err(UnknownKind));
     }
 }

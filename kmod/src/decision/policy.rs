@@ -1,11 +1,94 @@
-//! The sharing designs, as one trait: each mode is a policy the sharing engine (`sharing`)
-//! follows, so the mechanics (pinning, pre-population, zaps, notifications) exist once and the
-//! modes differ only where the designs differ. The four designs are data ([`Policy`]).
+//! The sharing designs this project compares, each one [`ShareMode`] whose decisions are data
+//! (a [`Policy`]): the sharing engine implements the mechanics once and asks the policy wherever
+//! the designs differ.
 
 use core::fmt;
+use core::str::FromStr;
 
-use crate::event::ShareMode;
-use crate::sharing::vm::PrivateKind;
+/// The sharing designs, side by side. Their one spelling is [`ShareMode::name`]
+/// (`pin_prepopulate`, …); [`FromStr`] also accepts it with `-` for `_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ShareMode {
+    /// The 2021 design: pin everything, pre-populate on every new root.
+    PinPrepopulate,
+    /// The 2023 RFC: exported root that never changes, IO page faults instead of pinning.
+    ExportedIopf,
+    /// The reviewers' alternative: a second, KVM-managed table for the IOMMU.
+    SeparateTable,
+    /// This project's: persistent shared root, huge pages kept, batched invalidations.
+    Optimized,
+}
+
+impl ShareMode {
+    /// Every mode, in the order reports show them.
+    pub const ALL: [ShareMode; 4] = [
+        ShareMode::PinPrepopulate,
+        ShareMode::ExportedIopf,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ];
+
+    /// The mode's name in scenario files, traces, command lines and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ShareMode::PinPrepopulate => "pin_prepopulate",
+            ShareMode::ExportedIopf => "exported_iopf",
+            ShareMode::SeparateTable => "separate_table",
+            ShareMode::Optimized => "optimized",
+        }
+    }
+
+    /// What the mode decides.
+    pub const fn policy(self) -> Policy {
+        match self {
+            ShareMode::PinPrepopulate => PIN_PREPOPULATE,
+            ShareMode::ExportedIopf => EXPORTED_IOPF,
+            ShareMode::SeparateTable => SEPARATE_TABLE,
+            ShareMode::Optimized => OPTIMIZED,
+        }
+    }
+}
+
+impl fmt::Display for ShareMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is no [`ShareMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownMode;
+
+impl fmt::Display for UnknownMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the sharing modes are ")?;
+        for (i, mode) in ShareMode::ALL.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(mode.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for ShareMode {
+    type Err = UnknownMode;
+    /// A mode's name; `-` is accepted for `_` (`pin-prepopulate`).
+    fn from_str(s: &str) -> Result<ShareMode, UnknownMode> {
+        ShareMode::ALL
+            .into_iter()
+            .find(|m| {
+                let name = m.name().as_bytes();
+                name.len() == s.len()
+                    && name
+                        .iter()
+                        .zip(s.as_bytes())
+                        .all(|(&n, &c)| n == c || (n == b'_' && c == b'-'))
+            })
+            .ok_or(UnknownMode)
+    }
+}
 
 /// What deleting or moving a memslot does to the table the IOMMU walks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,78 +101,101 @@ pub enum Removal {
     ZapSlot,
 }
 
-/// One sharing design.
-pub trait Mode: fmt::Debug {
-    fn kind(&self) -> ShareMode;
-    /// DMA memory is pinned and present (the device takes no IO page faults).
-    fn pins(&self) -> bool;
-    /// The IOMMU walks the vCPUs' own root; otherwise a separate, KVM-managed root.
-    fn shares_cpu_root(&self) -> bool;
-    /// What a memslot deletion or move does to the IOMMU's table.
-    fn removal(&self) -> Removal;
-    /// Every pinned range is pre-populated into every new root the IOMMU is given.
-    fn prepopulate_new_roots(&self) -> bool;
-    /// Huge leaves may map P2P MMIO ranges.
-    fn huge_mmio(&self) -> bool;
-    /// IOTLB invalidations of one operation are merged into one range flush.
-    fn batch_flushes(&self) -> bool;
-    /// DMA may see KVM's private slot of this kind.
-    fn dma_sees_private(&self, kind: PrivateKind) -> bool;
-    /// Dirty logging splits the huge leaves of the IOMMU's table (KVM's eager split, for 4 KiB
-    /// dirty granularity). Otherwise huge leaves stay and their dirty bits are harvested whole.
-    fn split_for_dirty_logging(&self) -> bool;
+/// How the pages DMA and vCPUs wrote are found for migration while sharing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// Write-protect the slot; writes fault and are logged (needs IO page faults while sharing).
+    WriteProtect,
+    /// Report every pinned page of the slot dirty (always correct, migrates everything).
+    ReportAllPinned,
+    /// Walk and clear the dirty bits hardware sets (vCPUs and IOMMU alike).
+    DirtyBits,
 }
 
-/// A mode as data: the decisions of one design. Every design this project compares is one of
-/// the constants below; the trait leaves room for a design that needs code.
+impl DirtyTracking {
+    /// Every strategy.
+    pub const ALL: [DirtyTracking; 3] = [
+        DirtyTracking::WriteProtect,
+        DirtyTracking::ReportAllPinned,
+        DirtyTracking::DirtyBits,
+    ];
+
+    /// The strategy's name in scenario files.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DirtyTracking::WriteProtect => "write_protect",
+            DirtyTracking::ReportAllPinned => "report_all_pinned",
+            DirtyTracking::DirtyBits => "dirty_bits",
+        }
+    }
+}
+
+impl fmt::Display for DirtyTracking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is no [`DirtyTracking`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownDirtyTracking;
+
+impl fmt::Display for UnknownDirtyTracking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dirty tracking is write_protect, report_all_pinned or dirty_bits")
+    }
+}
+
+impl FromStr for DirtyTracking {
+    type Err = UnknownDirtyTracking;
+    fn from_str(s: &str) -> Result<DirtyTracking, UnknownDirtyTracking> {
+        DirtyTracking::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or(UnknownDirtyTracking)
+    }
+}
+
+/// The decisions of one design.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    pub kind: ShareMode,
+    /// The design.
+    pub mode: ShareMode,
+    /// DMA memory is pinned and present (the device takes no IO page faults).
     pub pins: bool,
+    /// The IOMMU walks the vCPUs' own root; otherwise a separate, KVM-managed root.
     pub shares_cpu_root: bool,
+    /// What a memslot deletion or move does to the IOMMU's table.
     pub removal: Removal,
+    /// Every pinned range is pre-populated into every new root the IOMMU is given.
     pub prepopulate_new_roots: bool,
+    /// Huge leaves may map P2P MMIO ranges.
     pub huge_mmio: bool,
+    /// IOTLB invalidations of one operation are merged into one range flush.
     pub batch_flushes: bool,
-    /// The APIC-access page is visible to DMA (the other private pages always are).
+    /// The APIC-access page is visible to DMA (KVM's other private pages always are).
     pub apic_access_visible: bool,
+    /// Dirty logging splits the huge leaves of the IOMMU's table (KVM's eager split, for 4 KiB
+    /// dirty granularity). Otherwise huge leaves stay and their dirty bits are harvested whole.
     pub split_for_dirty_logging: bool,
 }
 
-impl Mode for Policy {
-    fn kind(&self) -> ShareMode {
-        self.kind
-    }
-    fn pins(&self) -> bool {
-        self.pins
-    }
-    fn shares_cpu_root(&self) -> bool {
-        self.shares_cpu_root
-    }
-    fn removal(&self) -> Removal {
-        self.removal
-    }
-    fn prepopulate_new_roots(&self) -> bool {
-        self.prepopulate_new_roots
-    }
-    fn huge_mmio(&self) -> bool {
-        self.huge_mmio
-    }
-    fn batch_flushes(&self) -> bool {
-        self.batch_flushes
-    }
-    fn dma_sees_private(&self, kind: PrivateKind) -> bool {
-        kind != PrivateKind::ApicAccess || self.apic_access_visible
-    }
-    fn split_for_dirty_logging(&self) -> bool {
-        self.split_for_dirty_logging
+impl Policy {
+    /// How dirty pages are found by default: the dirty bits hardware sets when DMA memory is
+    /// pinned (a write-protected page would fault the device), write-protection otherwise.
+    pub const fn default_dirty_tracking(&self) -> DirtyTracking {
+        if self.pins {
+            DirtyTracking::DirtyBits
+        } else {
+            DirtyTracking::WriteProtect
+        }
     }
 }
 
 /// The 2021 design: pin all user memory at memslot add, pre-populate every new root, notify
 /// root updates, flush the IOTLB on root and content updates.
 pub const PIN_PREPOPULATE: Policy = Policy {
-    kind: ShareMode::PinPrepopulate,
+    mode: ShareMode::PinPrepopulate,
     pins: true,
     shares_cpu_root: true,
     removal: Removal::FastZapAllRoots,
@@ -103,7 +209,7 @@ pub const PIN_PREPOPULATE: Policy = Policy {
 /// The 2023 RFC: no pinning, IO page faults resolved by the TDP fault path, an exported root
 /// that is never invalidated (a fast zap zaps its leaves instead).
 pub const EXPORTED_IOPF: Policy = Policy {
-    kind: ShareMode::ExportedIopf,
+    mode: ShareMode::ExportedIopf,
     pins: false,
     shares_cpu_root: true,
     removal: Removal::ZapAllLeaves,
@@ -118,7 +224,7 @@ pub const EXPORTED_IOPF: Policy = Policy {
 /// (APIC-access page invisible, no splits for the vCPUs' sake, no zap-all on memslot delete)
 /// and mirrors content updates into it.
 pub const SEPARATE_TABLE: Policy = Policy {
-    kind: ShareMode::SeparateTable,
+    mode: ShareMode::SeparateTable,
     pins: true,
     shares_cpu_root: false,
     removal: Removal::ZapSlot,
@@ -135,7 +241,7 @@ pub const SEPARATE_TABLE: Policy = Policy {
 /// dirty bits are harvested per leaf), and the IOTLB invalidations of one operation batched into
 /// one range flush.
 pub const OPTIMIZED: Policy = Policy {
-    kind: ShareMode::Optimized,
+    mode: ShareMode::Optimized,
     pins: true,
     shares_cpu_root: true,
     removal: Removal::ZapSlot,
@@ -146,24 +252,21 @@ pub const OPTIMIZED: Policy = Policy {
     split_for_dirty_logging: false,
 };
 
-/// The mode implementing `kind`.
-pub fn mode(kind: ShareMode) -> &'static dyn Mode {
-    match kind {
-        ShareMode::PinPrepopulate => &PIN_PREPOPULATE,
-        ShareMode::ExportedIopf => &EXPORTED_IOPF,
-        ShareMode::SeparateTable => &SEPARATE_TABLE,
-        ShareMode::Optimized => &OPTIMIZED,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_has_its_mode() {
-        for kind in ShareMode::ALL {
-            assert_eq!(mode(kind).kind(), kind);
+    fn every_mode_has_its_policy_and_one_name() {
+        for mode in ShareMode::ALL {
+            assert_eq!(mode.policy().mode, mode);
+            assert_eq!(mode.name().parse(), Ok(mode));
+        }
+        assert_eq!("pin-prepopulate".parse(), Ok(ShareMode::PinPrepopulate));
+        assert_eq!("pin_prepopulat".parse::<ShareMode>(), Err(UnknownMode));
+        assert_eq!("pinXprepopulate".parse::<ShareMode>(), Err(UnknownMode));
+        for d in DirtyTracking::ALL {
+            assert_eq!(d.name().parse(), Ok(d));
         }
     }
 }

@@ -10,6 +10,8 @@
 //! (1 = 4 KiB leaf, 2 = 2 MiB, 3 = 1 GiB, 4/5 = the PML4/PML5 root).
 
 pub mod clock;
+#[cfg(feature = "serde")]
+mod serde_impls;
 pub mod slot_tracker;
 pub mod stats;
 #[cfg(feature = "std")]
@@ -17,6 +19,11 @@ pub mod trace;
 
 use alloc::string::String;
 use core::fmt;
+
+pub use crate::decision::addr::{Gfn, Gpa, Iova, PageSize};
+use crate::decision::addr::{Level, bytes_to_frames};
+use crate::decision::format::{Perms, PteFormat};
+pub use crate::decision::policy::ShareMode;
 
 #[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
@@ -41,18 +48,28 @@ pub enum Source {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct GpaRange {
-    pub start: u64,
+    pub start: Gpa,
     pub size: u64,
 }
 
 impl GpaRange {
-    pub const fn new(start: u64, size: u64) -> Self {
+    pub const fn new(start: Gpa, size: u64) -> Self {
         Self { start, size }
     }
 
+    /// `frames` guest frames from `gfn`.
+    pub const fn of_frames(gfn: Gfn, frames: u64) -> Self {
+        Self::new(gfn.gpa(), crate::decision::addr::frames_to_bytes(frames))
+    }
+
     /// One past the last byte; saturates instead of wrapping.
-    pub const fn end(&self) -> u64 {
-        self.start.saturating_add(self.size)
+    pub const fn end(&self) -> Gpa {
+        Gpa(self.start.0.saturating_add(self.size))
+    }
+
+    /// The range contains `gpa`.
+    pub const fn contains(&self, gpa: Gpa) -> bool {
+        gpa.0 >= self.start.0 && gpa.0 < self.end().0
     }
 
     /// Number of 4 KiB frames the range touches.
@@ -60,61 +77,9 @@ impl GpaRange {
         if self.size == 0 {
             return 0;
         }
-        let first = self.start >> 12;
-        let last = (self.end() - 1) >> 12;
+        let first = self.start.gfn().0;
+        let last = bytes_to_frames(self.end().0 - 1);
         last - first + 1
-    }
-}
-
-/// The size of a leaf mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
-pub enum PageSize {
-    #[cfg_attr(feature = "serde", serde(rename = "4K"))]
-    Size4K,
-    #[cfg_attr(feature = "serde", serde(rename = "2M"))]
-    Size2M,
-    #[cfg_attr(feature = "serde", serde(rename = "1G"))]
-    Size1G,
-}
-
-impl PageSize {
-    pub const ALL: [PageSize; 3] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G];
-
-    pub const fn bytes(self) -> u64 {
-        match self {
-            PageSize::Size4K => 1 << 12,
-            PageSize::Size2M => 1 << 21,
-            PageSize::Size1G => 1 << 30,
-        }
-    }
-
-    /// KVM's level of a leaf of this size (1, 2 or 3).
-    pub const fn level(self) -> u8 {
-        match self {
-            PageSize::Size4K => 1,
-            PageSize::Size2M => 2,
-            PageSize::Size1G => 3,
-        }
-    }
-
-    pub const fn from_level(level: u8) -> Option<PageSize> {
-        match level {
-            1 => Some(PageSize::Size4K),
-            2 => Some(PageSize::Size2M),
-            3 => Some(PageSize::Size1G),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for PageSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PageSize::Size4K => "4K",
-            PageSize::Size2M => "2M",
-            PageSize::Size1G => "1G",
-        })
     }
 }
 
@@ -194,7 +159,7 @@ pub struct Memslot {
     pub slot: u16,
     /// Address space: 0 normal, 1 SMM.
     pub as_id: u8,
-    pub gpa: u64,
+    pub gpa: Gpa,
     pub size: u64,
     /// `KVM_MEM_*` flags (bit 0 dirty logging, bit 1 read-only, bit 2 guest_memfd).
     pub flags: u32,
@@ -210,45 +175,6 @@ impl Memslot {
 
     pub const fn range(&self) -> GpaRange {
         GpaRange::new(self.gpa, self.size)
-    }
-}
-
-/// The sharing designs this project implements side by side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-pub enum ShareMode {
-    /// The 2021 design: pin everything, pre-populate on every new root.
-    PinPrepopulate,
-    /// The 2023 RFC: exported root that never changes, IO page faults instead of pinning.
-    ExportedIopf,
-    /// The reviewers' alternative: a second, KVM-managed table for the IOMMU.
-    SeparateTable,
-    /// This project's: persistent shared root, huge pages kept, batched invalidations.
-    Optimized,
-}
-
-impl ShareMode {
-    pub const ALL: [ShareMode; 4] = [
-        ShareMode::PinPrepopulate,
-        ShareMode::ExportedIopf,
-        ShareMode::SeparateTable,
-        ShareMode::Optimized,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            ShareMode::PinPrepopulate => "pin_prepopulate",
-            ShareMode::ExportedIopf => "exported_iopf",
-            ShareMode::SeparateTable => "separate_table",
-            ShareMode::Optimized => "optimized",
-        }
-    }
-}
-
-impl fmt::Display for ShareMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -293,6 +219,43 @@ impl SpteFlags {
     }
     pub const fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    /// The flags of TDP entry `e` of `format` at `level`.
+    pub fn of_entry(format: &PteFormat, e: u64, level: Level) -> SpteFlags {
+        if !format.is_present(e) {
+            return SpteFlags::empty();
+        }
+        let mut f = SpteFlags::PRESENT;
+        if format.is_leaf(e, level) {
+            let p = format.perms(e);
+            let pairs = [
+                (Perms::R, SpteFlags::READ),
+                (Perms::W, SpteFlags::WRITE),
+                (Perms::X, SpteFlags::EXEC),
+            ];
+            for (perm, flag) in pairs {
+                if p.contains(perm) {
+                    f = f | flag;
+                }
+            }
+            if level > Level::L1 {
+                f = f | SpteFlags::HUGE;
+            }
+            if e & format.dirty != 0 {
+                f = f | SpteFlags::DIRTY;
+            }
+            if format.snp != 0 && e & format.snp != 0 {
+                f = f | SpteFlags::SNOOP;
+            }
+            if format.is_pinned(e) {
+                f = f | SpteFlags::PINNED;
+            }
+        }
+        if e & format.accessed != 0 {
+            f = f | SpteFlags::ACCESSED;
+        }
+        f
     }
 
     /// Parses the text form written by `Display` (e.g. `prw-h-----`); `None` on a foreign letter.
@@ -395,36 +358,36 @@ pub enum EventKind {
     },
     /// A huge leaf at `gfn` of `level` was replaced by a table of smaller leaves.
     HugePageSplit {
-        gfn: u64,
+        gfn: Gfn,
         level: u8,
     },
     /// A table of leaves at `gfn` was replaced by one huge leaf of `level`.
     HugePageCollapse {
-        gfn: u64,
+        gfn: Gfn,
         level: u8,
     },
     /// One TDP entry changed.
     SpteSet {
-        gfn: u64,
+        gfn: Gfn,
         level: u8,
         old: SpteFlags,
         new: SpteFlags,
     },
     /// A TDP page fault taken by a vCPU.
     PageFault {
-        gfn: u64,
+        gfn: Gfn,
         error_code: u64,
     },
     /// `size` bytes at `iova` were mapped for DMA, taking `ns` (0 when not timed: the IOMMU
     /// driver's tracepoint; a VFIO/iommufd map ioctl is timed and includes pinning).
     IommuMap {
-        iova: u64,
+        iova: Iova,
         size: u64,
         ns: u64,
     },
     /// `size` bytes at `iova` were unmapped, taking `ns` (0 when not timed).
     IommuUnmap {
-        iova: u64,
+        iova: Iova,
         size: u64,
         ns: u64,
     },
@@ -449,7 +412,7 @@ pub enum EventKind {
     MemslotDelete(Memslot),
     /// A slot moved from `old_gpa` to `slot.gpa`.
     MemslotMove {
-        old_gpa: u64,
+        old_gpa: Gpa,
         slot: Memslot,
     },
     /// Only the flags of a slot changed (e.g. dirty logging on/off).
@@ -476,7 +439,7 @@ pub enum EventKind {
     },
     /// The device faulted on `iova`; `resolved` when the TDP fault path mapped it.
     IoPageFault {
-        iova: u64,
+        iova: Iova,
         write: bool,
         resolved: bool,
     },
@@ -667,17 +630,37 @@ mod tests {
 
     #[test]
     fn range_pages_count_partial_frames() {
-        assert_eq!(GpaRange::new(0, 0).pages_4k(), 0);
-        assert_eq!(GpaRange::new(0, 1).pages_4k(), 1);
-        assert_eq!(GpaRange::new(0xfff, 2).pages_4k(), 2);
-        assert_eq!(GpaRange::new(0x1000, 0x2000).pages_4k(), 2);
+        assert_eq!(GpaRange::new(Gpa(0), 0).pages_4k(), 0);
+        assert_eq!(GpaRange::new(Gpa(0), 1).pages_4k(), 1);
+        assert_eq!(GpaRange::new(Gpa(0xfff), 2).pages_4k(), 2);
+        assert_eq!(GpaRange::new(Gpa(0x1000), 0x2000).pages_4k(), 2);
+        assert!(GpaRange::new(Gpa(0x1000), 0x2000).contains(Gpa(0x2fff)));
+        assert!(!GpaRange::new(Gpa(0x1000), 0x2000).contains(Gpa(0x3000)));
     }
 
     #[test]
-    fn page_size_level_round_trips() {
-        for size in PageSize::ALL {
-            assert_eq!(PageSize::from_level(size.level()), Some(size));
-        }
-        assert_eq!(PageSize::from_level(4), None);
+    fn entry_flags_follow_the_format() {
+        let f = PteFormat::EPT4;
+        let attrs = crate::decision::format::LeafAttrs {
+            snoop: true,
+            pinned: true,
+            ..Default::default()
+        };
+        let e = f.leaf(
+            crate::decision::addr::Hpa(0x20_0000),
+            Level::L2,
+            Perms::RW,
+            attrs,
+        );
+        assert_eq!(
+            SpteFlags::of_entry(&f, e, Level::L2).to_string(),
+            "prw-h--sP"
+        );
+        assert_eq!(SpteFlags::of_entry(&f, 0, Level::L1), SpteFlags::empty());
+        let table = f.table(crate::decision::addr::Hpa(0x1000));
+        assert_eq!(
+            SpteFlags::of_entry(&f, table, Level::L2).to_string(),
+            "p--------"
+        );
     }
 }

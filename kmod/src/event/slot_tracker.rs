@@ -83,7 +83,7 @@ mod tests {
         Memslot {
             slot,
             as_id: 0,
-            gpa,
+            gpa: crate::event::Gpa(gpa),
             size,
             flags,
             ua: 0x7f00_0000_0000 + gpa,
@@ -106,7 +106,10 @@ mod tests {
                 ua: 0x7f00_0000_0000,
                 ..call(1, 0x5000, 0x1000, 1)
             }),
-            Ok(EventKind::MemslotMove { old_gpa: 0, .. })
+            Ok(EventKind::MemslotMove {
+                old_gpa: crate::event::Gpa(0),
+                ..
+            })
         ));
         // The delete reports the slot's extent, not the call's size 0.
         let Ok(EventKind::MemslotDelete(old)) = t.apply(call(1, 0x5000, 0, 0)) else {

@@ -233,7 +233,7 @@ mod tests {
     fn pins_and_prepopulations_add_up() {
         let mut s = VmStats::default();
         let ev = |ts, kind| Event::new(ts, 1, Source::Simulator, kind);
-        let range = GpaRange::new(0, 1 << 30);
+        let range = GpaRange::new(crate::event::Gpa(0), 1 << 30);
         s.record(&ev(
             5,
             EventKind::Pin {

@@ -381,7 +381,7 @@ mod tests {
                 EventKind::MemslotAdd(Memslot {
                     slot: 0,
                     as_id: 0,
-                    gpa: 0,
+                    gpa: crate::event::Gpa(0),
                     size: 1 << 31,
                     flags: 0,
                     ua: 0x7f00_0000_0000,
@@ -392,7 +392,7 @@ mod tests {
                 7,
                 Source::Simulator,
                 EventKind::PrepopulateEnd {
-                    range: GpaRange::new(0, 1 << 31),
+                    range: GpaRange::new(crate::event::Gpa(0), 1 << 31),
                     page_size: PageSize::Size2M,
                     cause: crate::event::PrepopCause::SharingStart,
                     entries: 1024,

@@ -17,8 +17,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::decision::format::{Perms, PteFormat};
-use crate::event::{FlushScope, GpaRange, PageSize};
+use crate::decision::addr::{Hpa, Iova, Level, PAGE_SHIFT, PageSize};
+use crate::decision::format::Perms;
+use crate::event::{FlushScope, GpaRange};
 use crate::iommu::walker::{Access, Translation};
 use crate::table::sync::SpinLock;
 
@@ -27,7 +28,7 @@ use crate::table::sync::SpinLock;
 pub enum FlushRequest {
     All,
     Domain(u16),
-    Range { domain: u16, iova: u64, size: u64 },
+    Range { domain: u16, iova: Iova, size: u64 },
 }
 
 impl FlushRequest {
@@ -39,7 +40,7 @@ impl FlushRequest {
             FlushRequest::Range { domain, iova, size } => (
                 FlushScope::Range,
                 Some(u32::from(domain)),
-                Some(GpaRange::new(iova, size)),
+                Some(GpaRange::new(iova.gpa(), size)),
             ),
         }
     }
@@ -82,35 +83,34 @@ impl Default for CostModel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IotlbEntry {
     pub domain: u16,
-    pub level: u8,
+    pub level: Level,
     /// IOVA >> the page size's shift.
     pub tag: u64,
-    pub hpa_base: u64,
+    pub hpa_base: Hpa,
     pub perms: Perms,
     pub snoop: bool,
 }
 
 impl IotlbEntry {
     /// The entry for translation `t` of `iova`.
-    pub fn new(domain: u16, iova: u64, t: Translation) -> Self {
+    pub fn new(domain: u16, iova: Iova, t: Translation) -> Self {
         let level = t.page_size.level();
-        let size = PteFormat::level_size(level);
         Self {
             domain,
             level,
-            tag: iova / size,
-            hpa_base: t.hpa & !(size - 1),
+            tag: iova.0 >> level.shift(),
+            hpa_base: t.hpa.align_down(level.size()),
             perms: t.perms,
             snoop: t.snoop,
         }
     }
 
-    fn start(&self) -> u64 {
-        self.tag * PteFormat::level_size(self.level)
+    fn start(&self) -> Iova {
+        Iova(self.tag << self.level.shift())
     }
 
-    fn end(&self) -> u64 {
-        self.start() + PteFormat::level_size(self.level)
+    fn end(&self) -> Iova {
+        self.start() + self.level.size()
     }
 }
 
@@ -141,8 +141,8 @@ pub struct Iotlb {
     pub stats: IotlbStats,
 }
 
-fn set_of(domain: u16, level: u8, tag: u64, sets: usize) -> usize {
-    let mut h = tag ^ (u64::from(domain) << 48) ^ (u64::from(level) << 56);
+fn set_of(domain: u16, level: Level, tag: u64, sets: usize) -> usize {
+    let mut h = tag ^ (u64::from(domain) << 48) ^ (u64::from(level.get()) << 56);
     h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (h >> 32) as usize % sets
 }
@@ -168,15 +168,12 @@ impl Iotlb {
     }
 
     /// A cached translation of `iova` in `domain` that grants `access`.
-    pub fn lookup(&self, domain: u16, iova: u64, access: Access) -> Option<Translation> {
-        let need = match access {
-            Access::Read => Perms::R,
-            Access::Write => Perms::W,
-        };
+    pub fn lookup(&self, domain: u16, iova: Iova, access: Access) -> Option<Translation> {
+        let need = access.needs();
         let inner = self.inner.lock();
         for size in PageSize::ALL {
             let level = size.level();
-            let tag = iova / size.bytes();
+            let tag = iova.0 >> level.shift();
             let set = &inner.sets[set_of(domain, level, tag, inner.sets.len())];
             let hit = set.iter().flatten().find(|e| {
                 e.domain == domain && e.level == level && e.tag == tag && e.perms.contains(need)
@@ -184,7 +181,7 @@ impl Iotlb {
             if let Some(e) = hit {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Some(Translation {
-                    hpa: e.hpa_base + (iova & (size.bytes() - 1)),
+                    hpa: e.hpa_base + (iova.0 & (size.bytes() - 1)),
                     page_size: size,
                     perms: e.perms,
                     snoop: e.snoop,
@@ -288,9 +285,9 @@ impl Iotlb {
 
 /// The naturally aligned power-of-two block of 4 KiB pages that covers `[iova, iova + size)`,
 /// as `(start, len)`; `None` if it needs a mask above `max_order`.
-pub fn psi_block(iova: u64, size: u64, max_order: u32) -> Option<(u64, u64)> {
-    let first = iova >> 12;
-    let last = (iova.saturating_add(size.max(1)) - 1) >> 12;
+pub fn psi_block(iova: Iova, size: u64, max_order: u32) -> Option<(Iova, u64)> {
+    let first = iova.gfn().0;
+    let last = iova.offset(size.max(1) - 1).gfn().0;
     let mut order = 0u32;
     while (first >> order) != (last >> order) {
         order += 1;
@@ -298,8 +295,8 @@ pub fn psi_block(iova: u64, size: u64, max_order: u32) -> Option<(u64, u64)> {
             return None;
         }
     }
-    let start = (first >> order) << order << 12;
-    Some((start, 1u64 << (order + 12)))
+    let start = Iova((first >> order) << order << PAGE_SHIFT);
+    Some((start, 1u64 << (order + PAGE_SHIFT)))
 }
 
 #[cfg(test)]
@@ -308,7 +305,7 @@ mod tests {
 
     fn t(hpa: u64, page_size: PageSize) -> Translation {
         Translation {
-            hpa,
+            hpa: Hpa(hpa),
             page_size,
             perms: Perms::RW,
             snoop: false,
@@ -317,11 +314,20 @@ mod tests {
 
     #[test]
     fn psi_blocks_are_aligned_and_cover() {
-        assert_eq!(psi_block(0x1000, 0x1000, 18), Some((0x1000, 0x1000)));
-        assert_eq!(psi_block(0x1000, 0x2000, 18), Some((0x0, 0x4000)));
-        assert_eq!(psi_block(0x3000, 0x2000, 18), Some((0x0, 0x8000)));
-        assert_eq!(psi_block(0, 1 << 30, 18), Some((0, 1 << 30)));
-        assert_eq!(psi_block(0, 1 << 31, 18), None);
+        assert_eq!(
+            psi_block(Iova(0x1000), 0x1000, 18),
+            Some((Iova(0x1000), 0x1000))
+        );
+        assert_eq!(
+            psi_block(Iova(0x1000), 0x2000, 18),
+            Some((Iova(0x0), 0x4000))
+        );
+        assert_eq!(
+            psi_block(Iova(0x3000), 0x2000, 18),
+            Some((Iova(0x0), 0x8000))
+        );
+        assert_eq!(psi_block(Iova(0), 1 << 30, 18), Some((Iova(0), 1 << 30)));
+        assert_eq!(psi_block(Iova(0), 1 << 31, 18), None);
     }
 
     #[test]
@@ -330,23 +336,32 @@ mod tests {
         let g = tlb.generation();
         assert!(tlb.fill(
             g,
-            IotlbEntry::new(1, 0x20_1234, t(0x8020_1234, PageSize::Size2M))
+            IotlbEntry::new(1, Iova(0x20_1234), t(0x8020_1234, PageSize::Size2M))
         ));
-        assert!(tlb.fill(g, IotlbEntry::new(1, 0x5000, t(0x9000, PageSize::Size4K))));
-        assert!(tlb.fill(g, IotlbEntry::new(2, 0x5000, t(0xa000, PageSize::Size4K))));
-        let hit = tlb.lookup(1, 0x3f_ffff, Access::Write).unwrap();
-        assert_eq!(hit.hpa, 0x803f_ffff);
-        assert_eq!(tlb.lookup(1, 0x5010, Access::Read).unwrap().hpa, 0x9010);
+        assert!(tlb.fill(
+            g,
+            IotlbEntry::new(1, Iova(0x5000), t(0x9000, PageSize::Size4K))
+        ));
+        assert!(tlb.fill(
+            g,
+            IotlbEntry::new(2, Iova(0x5000), t(0xa000, PageSize::Size4K))
+        ));
+        let hit = tlb.lookup(1, Iova(0x3f_ffff), Access::Write).unwrap();
+        assert_eq!(hit.hpa, Hpa(0x803f_ffff));
+        assert_eq!(
+            tlb.lookup(1, Iova(0x5010), Access::Read).unwrap().hpa,
+            Hpa(0x9010)
+        );
         // A range flush of one page in domain 1 leaves domain 2 and the 2M entry alone.
         let out = tlb.invalidate(FlushRequest::Range {
             domain: 1,
-            iova: 0x5000,
+            iova: Iova(0x5000),
             size: 0x1000,
         });
         assert_eq!(out.dropped, 1);
-        assert!(tlb.lookup(1, 0x5000, Access::Read).is_none());
-        assert!(tlb.lookup(2, 0x5000, Access::Read).is_some());
-        assert!(tlb.lookup(1, 0x20_0000, Access::Read).is_some());
+        assert!(tlb.lookup(1, Iova(0x5000), Access::Read).is_none());
+        assert!(tlb.lookup(2, Iova(0x5000), Access::Read).is_some());
+        assert!(tlb.lookup(1, Iova(0x20_0000), Access::Read).is_some());
         assert_eq!(tlb.invalidate(FlushRequest::Domain(2)).dropped, 1);
         assert_eq!(tlb.invalidate(FlushRequest::All).dropped, 1);
         assert!(tlb.is_empty());
@@ -361,9 +376,9 @@ mod tests {
         tlb.invalidate(FlushRequest::All);
         assert!(!tlb.fill(
             before_walk,
-            IotlbEntry::new(1, 0, t(0x1000, PageSize::Size4K))
+            IotlbEntry::new(1, Iova(0), t(0x1000, PageSize::Size4K))
         ));
-        assert!(tlb.lookup(1, 0, Access::Read).is_none());
+        assert!(tlb.lookup(1, Iova(0), Access::Read).is_none());
     }
 
     #[test]
@@ -371,7 +386,7 @@ mod tests {
         let tlb = Iotlb::new(16, CostModel::default());
         let out = tlb.invalidate(FlushRequest::Range {
             domain: 1,
-            iova: 0,
+            iova: Iova(0),
             size: 4 << 30,
         });
         assert!(out.fell_back_to_domain);
@@ -384,8 +399,8 @@ mod tests {
             perms: Perms::R,
             ..t(0x1000, PageSize::Size4K)
         };
-        tlb.fill(tlb.generation(), IotlbEntry::new(1, 0, ro));
-        assert!(tlb.lookup(1, 0, Access::Read).is_some());
-        assert!(tlb.lookup(1, 0, Access::Write).is_none());
+        tlb.fill(tlb.generation(), IotlbEntry::new(1, Iova(0), ro));
+        assert!(tlb.lookup(1, Iova(0), Access::Read).is_some());
+        assert!(tlb.lookup(1, Iova(0), Access::Write).is_none());
     }
 }

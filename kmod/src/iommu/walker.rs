@@ -1,16 +1,15 @@
-//! The IOMMU side: a DMA page walker that translates an IO virtual address through the shared
-//! table exactly as the hardware would, and a domain that puts the IOTLB in front of it.
+//! The IOMMU's hardware page walker: translates an IO-virtual address through a table exactly as
+//! the hardware would.
 //!
-//! Locking rule: everything here takes `&self` and may run on any number of threads at once,
+//! Locking rule: `translate` takes `&self` and may run on any number of threads at once,
 //! concurrently with the TDP MMU's writer; a walk holds the allocator's read-side section.
 
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
+use crate::decision::addr::{Hpa, Iova, Level, PageSize};
 use crate::decision::format::{Perms, PteFormat};
-use crate::event::PageSize;
-use crate::iommu::iotlb::{FlushOutcome, FlushRequest, Iotlb, IotlbEntry};
-use crate::table::page_alloc::{PageAllocator, PhysAddr};
+use crate::table::page_alloc::PageAllocator;
 
 /// The direction of a DMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,11 +18,26 @@ pub enum Access {
     Write,
 }
 
+impl Access {
+    /// A write when `write`, else a read.
+    pub const fn of(write: bool) -> Access {
+        if write { Access::Write } else { Access::Read }
+    }
+
+    /// The right the access needs.
+    pub const fn needs(self) -> Perms {
+        match self {
+            Access::Read => Perms::R,
+            Access::Write => Perms::W,
+        }
+    }
+}
+
 /// A successful translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
     /// Host physical address of the IOVA's byte.
-    pub hpa: u64,
+    pub hpa: Hpa,
     pub page_size: PageSize,
     pub perms: Perms,
     /// The entry forces snooping (VT-d SNP).
@@ -35,38 +49,38 @@ pub struct Translation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DmaFault {
     /// No present entry at `level`.
-    NotPresent { iova: u64, level: u8 },
+    NotPresent { iova: Iova, level: Level },
     /// The leaf does not grant the access.
-    Permission { iova: u64, access: Access },
+    Permission { iova: Iova, access: Access },
     /// A reserved bit or an unsupported superpage at `level`.
-    Reserved { iova: u64, level: u8 },
+    Reserved { iova: Iova, level: Level },
     /// The IOVA is beyond the table's address width.
-    AddressWidth { iova: u64 },
+    AddressWidth { iova: Iova },
     /// An entry points outside page-table memory.
-    BadTable { iova: u64, level: u8 },
+    BadTable { iova: Iova, level: Level },
     /// The domain has no table attached.
-    NoRoot { iova: u64 },
+    NoRoot { iova: Iova },
 }
 
 impl fmt::Display for DmaFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DmaFault::NotPresent { iova, level } => {
-                write!(f, "DMA to {iova:#x}: not present at level {level}")
+                write!(f, "DMA to {iova}: not present at level {level}")
             }
             DmaFault::Permission { iova, access } => {
-                write!(f, "DMA {access:?} to {iova:#x}: not permitted")
+                write!(f, "DMA {access:?} to {iova}: not permitted")
             }
             DmaFault::Reserved { iova, level } => {
-                write!(f, "DMA to {iova:#x}: reserved bits set at level {level}")
+                write!(f, "DMA to {iova}: reserved bits set at level {level}")
             }
             DmaFault::AddressWidth { iova } => {
-                write!(f, "DMA to {iova:#x}: beyond the address width")
+                write!(f, "DMA to {iova}: beyond the address width")
             }
             DmaFault::BadTable { iova, level } => {
-                write!(f, "DMA to {iova:#x}: bad table pointer at level {level}")
+                write!(f, "DMA to {iova}: bad table pointer at level {level}")
             }
-            DmaFault::NoRoot { iova } => write!(f, "DMA to {iova:#x}: no table attached"),
+            DmaFault::NoRoot { iova } => write!(f, "DMA to {iova}: no table attached"),
         }
     }
 }
@@ -76,7 +90,7 @@ impl fmt::Display for DmaFault {
 pub struct DmaWalker {
     pub format: PteFormat,
     /// Largest leaf level the IOMMU accepts (superpage support).
-    pub max_leaf_level: u8,
+    pub max_leaf_level: Level,
     /// The IOMMU sets accessed/dirty bits on use (VT-d SLADE, AMD HA/HD).
     pub set_ad: bool,
 }
@@ -96,15 +110,15 @@ impl DmaWalker {
     pub fn translate<A: PageAllocator>(
         &self,
         alloc: &A,
-        root: PhysAddr,
-        iova: u64,
+        root: Hpa,
+        iova: Iova,
         access: Access,
     ) -> Result<Translation, DmaFault> {
         let f = &self.format;
-        if iova >> 12 >= f.gfn_limit() {
+        let gfn = iova.gfn();
+        if gfn >= f.gfn_limit() {
             return Err(DmaFault::AddressWidth { iova });
         }
-        let gfn = iova >> 12;
         let _section = alloc.read_lock();
         let mut table_pa = root;
         let mut level = f.levels;
@@ -112,7 +126,7 @@ impl DmaWalker {
             let table = alloc
                 .table(table_pa)
                 .ok_or(DmaFault::BadTable { iova, level })?;
-            let sptep = &table[PteFormat::index(gfn, level)];
+            let sptep = &table[level.index(gfn)];
             let e = sptep.load(Ordering::Acquire);
             if e & self.present_mask() == 0 {
                 return Err(DmaFault::NotPresent { iova, level });
@@ -121,135 +135,60 @@ impl DmaWalker {
                 // x86-64 format: device requests are user-mode accesses.
                 return Err(DmaFault::Permission { iova, access });
             }
-            let leaf = level == 1 || e & f.huge != 0;
-            if !leaf {
-                table_pa = f.addr(e);
-                level -= 1;
-                continue;
-            }
-            if level > self.max_leaf_level {
-                return Err(DmaFault::Reserved { iova, level });
-            }
-            let size = PteFormat::level_size(level);
-            let base = f.addr(e);
-            if base & (size - 1) != 0 {
-                return Err(DmaFault::Reserved { iova, level });
-            }
-            let perms = f.perms(e);
-            let need = match access {
-                Access::Read => Perms::R,
-                Access::Write => Perms::W,
-            };
-            if !perms.contains(need) {
-                return Err(DmaFault::Permission { iova, access });
-            }
-            if self.set_ad {
-                let want = f.accessed | if access == Access::Write { f.dirty } else { 0 };
-                if e & want != want {
-                    sptep.fetch_or(want, Ordering::AcqRel);
+            let below = match level.down() {
+                Some(below) if e & f.huge == 0 => below,
+                _ => {
+                    return self.leaf(sptep, e, level, iova, access);
                 }
-            }
-            return Ok(Translation {
-                hpa: base + (iova & (size - 1)),
-                page_size: PageSize::from_level(level).unwrap_or(PageSize::Size4K),
-                perms,
-                snoop: f.snp != 0 && e & f.snp != 0,
-            });
-        }
-    }
-}
-
-/// Counters of one domain.
-#[derive(Debug, Default)]
-pub struct DomainStats {
-    pub translations: AtomicU64,
-    pub iotlb_hits: AtomicU64,
-    pub walks: AtomicU64,
-    pub faults: AtomicU64,
-}
-
-/// An IOMMU domain whose table is a TDP root: the walker, the root pointer and the IOTLB.
-#[derive(Debug)]
-pub struct IommuDomain<'a> {
-    pub id: u16,
-    walker: DmaWalker,
-    root: AtomicU64,
-    iotlb: &'a Iotlb,
-    pub stats: DomainStats,
-}
-
-impl<'a> IommuDomain<'a> {
-    pub fn new(id: u16, walker: DmaWalker, iotlb: &'a Iotlb) -> Self {
-        Self {
-            id,
-            walker,
-            root: AtomicU64::new(0),
-            iotlb,
-            stats: DomainStats::default(),
+            };
+            table_pa = f.addr(e);
+            level = below;
         }
     }
 
-    pub fn walker(&self) -> &DmaWalker {
-        &self.walker
-    }
-
-    pub fn root(&self) -> PhysAddr {
-        self.root.load(Ordering::Acquire)
-    }
-
-    /// Points the domain at a new root (the root-update notification) and drops every cached
-    /// translation of the old one.
-    pub fn set_root(&self, root: PhysAddr) -> FlushOutcome {
-        self.root.store(root, Ordering::Release);
-        self.iotlb.invalidate(FlushRequest::Domain(self.id))
-    }
-
-    /// Flushes cached translations after a content update.
-    pub fn flush(&self, request: FlushRequest) -> FlushOutcome {
-        self.iotlb.invalidate(request)
-    }
-
-    /// One DMA: the IOTLB, or a walk whose result is cached unless an invalidation ran
-    /// meanwhile (a walk racing with a flush must not re-insert what the flush removed).
-    pub fn dma<A: PageAllocator>(
+    fn leaf(
         &self,
-        alloc: &A,
-        iova: u64,
+        sptep: &core::sync::atomic::AtomicU64,
+        e: u64,
+        level: Level,
+        iova: Iova,
         access: Access,
     ) -> Result<Translation, DmaFault> {
-        self.stats.translations.fetch_add(1, Ordering::Relaxed);
-        if let Some(t) = self.iotlb.lookup(self.id, iova, access) {
-            self.stats.iotlb_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(t);
+        let f = &self.format;
+        let page_size = match level.page_size() {
+            Some(size) if level <= self.max_leaf_level => size,
+            _ => return Err(DmaFault::Reserved { iova, level }),
+        };
+        let base = f.addr(e);
+        if !base.is_aligned(level.size()) {
+            return Err(DmaFault::Reserved { iova, level });
         }
-        self.stats.walks.fetch_add(1, Ordering::Relaxed);
-        let generation = self.iotlb.generation();
-        let root = self.root();
-        if root == 0 {
-            self.stats.faults.fetch_add(1, Ordering::Relaxed);
-            return Err(DmaFault::NoRoot { iova });
+        let perms = f.perms(e);
+        if !perms.contains(access.needs()) {
+            return Err(DmaFault::Permission { iova, access });
         }
-        match self.walker.translate(alloc, root, iova, access) {
-            Ok(t) => {
-                self.iotlb
-                    .fill(generation, IotlbEntry::new(self.id, iova, t));
-                Ok(t)
-            }
-            Err(fault) => {
-                self.stats.faults.fetch_add(1, Ordering::Relaxed);
-                Err(fault)
+        if self.set_ad {
+            let want = f.accessed | if access == Access::Write { f.dirty } else { 0 };
+            if e & want != want {
+                sptep.fetch_or(want, Ordering::AcqRel);
             }
         }
+        Ok(Translation {
+            hpa: base + (iova.0 & (level.size() - 1)),
+            page_size,
+            perms,
+            snoop: f.snp != 0 && e & f.snp != 0,
+        })
     }
 }
 
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
+    use crate::decision::addr::Gfn;
     use crate::decision::format::LeafAttrs;
     use crate::event::clock::ManualClock;
     use crate::event::{NullSink, RootCause};
-    use crate::iommu::iotlb::CostModel;
     use crate::table::mmu::{Mapping, RootId, TdpMmu};
     use crate::table::page_alloc::Arena;
 
@@ -265,10 +204,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 512,
-                hpa: G,
-                level: 2,
+                hpa: Hpa(G),
+                level: Level::L2,
                 perms: Perms::RW,
                 attrs,
             },
@@ -277,10 +216,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 512,
+                gfn: Gfn(512),
                 frames: 1,
-                hpa: G + 0x10_0000,
-                level: 1,
+                hpa: Hpa(G + 0x10_0000),
+                level: Level::L1,
                 perms: Perms::R,
                 attrs,
             },
@@ -289,10 +228,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 1 << 18,
+                gfn: Gfn(1 << 18),
                 frames: 1 << 18,
-                hpa: G + (1 << 30),
-                level: 3,
+                hpa: Hpa(G + (1 << 30)),
+                level: Level::L3,
                 perms: Perms::RW,
                 attrs,
             },
@@ -309,11 +248,13 @@ mod tests {
             let root = m.root(r).unwrap().pa;
             let w = DmaWalker {
                 format,
-                max_leaf_level: 3,
+                max_leaf_level: Level::L3,
                 set_ad: false,
             };
-            let t = w.translate(&arena, root, 0x1f_f123, Access::Write).unwrap();
-            assert_eq!(t.hpa, G + 0x1f_f123, "{format}");
+            let t = w
+                .translate(&arena, root, Iova(0x1f_f123), Access::Write)
+                .unwrap();
+            assert_eq!(t.hpa, Hpa(G + 0x1f_f123), "{format}");
             assert_eq!(t.page_size, PageSize::Size2M);
             assert_eq!(
                 t.snoop,
@@ -321,37 +262,43 @@ mod tests {
                 "{format}: SNP only where the format has it"
             );
             let t = w
-                .translate(&arena, root, (1 << 30) + 0x1234_5678, Access::Read)
+                .translate(&arena, root, Iova((1 << 30) + 0x1234_5678), Access::Read)
                 .unwrap();
             assert_eq!(
                 (t.hpa, t.page_size),
-                (G + (1 << 30) + 0x1234_5678, PageSize::Size1G)
+                (Hpa(G + (1 << 30) + 0x1234_5678), PageSize::Size1G)
             );
             assert_eq!(
-                w.translate(&arena, root, 0x20_0010, Access::Write),
+                w.translate(&arena, root, Iova(0x20_0010), Access::Write),
                 Err(DmaFault::Permission {
-                    iova: 0x20_0010,
+                    iova: Iova(0x20_0010),
                     access: Access::Write
                 })
             );
-            assert!(w.translate(&arena, root, 0x20_0010, Access::Read).is_ok());
+            assert!(
+                w.translate(&arena, root, Iova(0x20_0010), Access::Read)
+                    .is_ok()
+            );
             assert!(matches!(
-                w.translate(&arena, root, 0x20_1000, Access::Read),
-                Err(DmaFault::NotPresent { level: 1, .. })
+                w.translate(&arena, root, Iova(0x20_1000), Access::Read),
+                Err(DmaFault::NotPresent {
+                    level: Level::L1,
+                    ..
+                })
             ));
             assert!(matches!(
-                w.translate(&arena, root, 1 << 40, Access::Read),
+                w.translate(&arena, root, Iova(1 << 40), Access::Read),
                 Err(DmaFault::NotPresent { .. })
             ));
-            let beyond = format.gfn_limit() << 12;
+            let beyond = format.gfn_limit().iova();
             assert_eq!(
                 w.translate(&arena, root, beyond, Access::Read),
                 Err(DmaFault::AddressWidth { iova: beyond })
             );
             assert_eq!(
-                w.translate(&arena, 0xdead_b000, 0, Access::Read),
+                w.translate(&arena, Hpa(0xdead_b000), Iova(0), Access::Read),
                 Err(DmaFault::BadTable {
-                    iova: 0,
+                    iova: Iova(0),
                     level: format.levels
                 })
             );
@@ -364,15 +311,15 @@ mod tests {
         let (m, r) = setup(&arena, PteFormat::EPT4);
         let w = DmaWalker {
             format: PteFormat::EPT4,
-            max_leaf_level: 2,
+            max_leaf_level: Level::L2,
             set_ad: false,
         };
         let root = m.root(r).unwrap().pa;
         assert_eq!(
-            w.translate(&arena, root, 1 << 30, Access::Read),
+            w.translate(&arena, root, Iova(1 << 30), Access::Read),
             Err(DmaFault::Reserved {
-                iova: 1 << 30,
-                level: 3
+                iova: Iova(1 << 30),
+                level: Level::L3
             })
         );
     }
@@ -383,14 +330,15 @@ mod tests {
         let (m, r) = setup(&arena, PteFormat::EPT4);
         let w = DmaWalker {
             format: PteFormat::EPT4,
-            max_leaf_level: 3,
+            max_leaf_level: Level::L3,
             set_ad: true,
         };
         let root = m.root(r).unwrap().pa;
-        w.translate(&arena, root, 0x1000, Access::Write).unwrap();
+        w.translate(&arena, root, Iova(0x1000), Access::Write)
+            .unwrap();
         let leaf = m.leaves(r).unwrap()[0];
-        assert_eq!(leaf.level, 2);
-        let l = m.lookup(r, 0).unwrap().unwrap();
+        assert_eq!(leaf.level, Level::L2);
+        let l = m.lookup(r, Gfn(0)).unwrap().unwrap();
         let flags = PteFormat::EPT4.leaf(l.hpa, l.level, l.perms, l.attrs);
         // The table entry itself has A and D now.
         let pdpt = arena.table(root).unwrap()[0].load(Ordering::Relaxed);
@@ -401,33 +349,5 @@ mod tests {
             flags
         );
         assert_ne!(pde & PteFormat::EPT4.dirty, 0);
-    }
-
-    #[test]
-    fn domain_caches_walks_and_drops_them_on_root_update() {
-        let arena = Arena::new(32).unwrap();
-        let (m, r) = setup(&arena, PteFormat::EPT4);
-        let tlb = Iotlb::new(64, CostModel::default());
-        let w = DmaWalker {
-            format: PteFormat::EPT4,
-            max_leaf_level: 3,
-            set_ad: false,
-        };
-        let d = IommuDomain::new(3, w, &tlb);
-        assert_eq!(
-            d.dma(&arena, 0, Access::Read),
-            Err(DmaFault::NoRoot { iova: 0 })
-        );
-        d.set_root(m.root(r).unwrap().pa);
-        d.dma(&arena, 0x1000, Access::Read).unwrap();
-        d.dma(&arena, 0x2000, Access::Read).unwrap();
-        assert_eq!(
-            d.stats.iotlb_hits.load(Ordering::Relaxed),
-            1,
-            "second DMA hit the 2M entry"
-        );
-        assert_eq!(d.stats.faults.load(Ordering::Relaxed), 1);
-        let out = d.set_root(m.root(r).unwrap().pa);
-        assert_eq!(out.dropped, 1);
     }
 }

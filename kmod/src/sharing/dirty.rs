@@ -4,41 +4,24 @@
 //! Without them a write-protected page would fault the device, so either every pinned page is
 //! reported dirty, or the hardware-set dirty bits (EPT D, VT-d SLADE) are walked and cleared.
 
-use crate::decision::format::PteFormat;
-use crate::event::EventSink;
+use alloc::vec::Vec;
+
+use crate::decision::addr::{Gfn, Level, PageSize};
+use crate::decision::policy::DirtyTracking;
 use crate::event::clock::Clock;
+use crate::event::{EventKind, GpaRange, PrepopCause};
 use crate::sharing::engine::{SharingError, SharingVm};
-use crate::sharing::pin::Pinner;
+use crate::sharing::platform::Platform;
 use crate::sharing::vm::{Memslot, SlotError};
-use crate::table::page_alloc::PageAllocator;
+use crate::table::mmu::RootId;
 
-/// How dirty pages are found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-pub enum DirtyTracking {
-    /// Write-protect the slot; writes fault and are logged (needs IO page faults while sharing).
-    WriteProtect,
-    /// Report every pinned page of the slot dirty (always correct, migrates everything).
-    ReportAllPinned,
-    /// Walk and clear the dirty bits hardware sets (vCPUs and IOMMU alike).
-    DirtyBits,
-}
-
-impl<'a, A, S, C, T, P> SharingVm<'a, A, S, C, T, P>
-where
-    A: PageAllocator,
-    S: EventSink + Clone,
-    C: Clock + Clone,
-    T: Clock,
-    P: Pinner,
-{
+impl<P: Platform> SharingVm<P> {
     /// Dirty logging began on `slot`.
     pub(crate) fn dirty_log_started(&mut self, slot: &Memslot) -> Result<(), SharingError> {
         let Some(root) = self.cpu_root else {
             return Ok(());
         };
-        let shared_cpu = self.is_sharing() && self.mode.shares_cpu_root();
+        let shared_cpu = self.iommu_on_cpu_root();
         if self.dirty_tracking == DirtyTracking::WriteProtect {
             // KVM write-protects; huge leaves go too (they cannot log per page).
             self.split_slot(root, slot)?;
@@ -52,7 +35,7 @@ where
         // Pinned DMA without IO page faults: entries stay writable. Huge leaves are split
         // (atomically) for per-page dirty bits where the mode's policy says so, or on the vCPUs'
         // own table when the IOMMU does not walk it.
-        if self.mode.split_for_dirty_logging() || !shared_cpu {
+        if self.policy.split_for_dirty_logging || !shared_cpu {
             self.split_slot(root, slot)?;
         }
         Ok(())
@@ -60,21 +43,17 @@ where
 
     /// Splits every huge leaf of `slot` in the vCPUs' root down to 4 KiB, each split reported
     /// as a pre-population of its range when the IOMMU walks that root.
-    fn split_slot(
-        &mut self,
-        root: crate::table::mmu::RootId,
-        slot: &Memslot,
-    ) -> Result<(), SharingError> {
-        let shared_cpu = self.is_sharing() && self.mode.shares_cpu_root();
+    fn split_slot(&mut self, root: RootId, slot: &Memslot) -> Result<(), SharingError> {
+        let shared_cpu = self.iommu_on_cpu_root();
         loop {
-            let huge: alloc::vec::Vec<_> = self
+            let huge: Vec<_> = self
                 .cpu
                 .leaves(root)?
                 .into_iter()
                 .filter(|l| {
-                    l.level > 1
-                        && l.gfn < slot.gfn() + slot.frames()
-                        && l.gfn + PteFormat::frames(l.level) > slot.gfn()
+                    l.level > Level::L1
+                        && l.gfn < slot.end_gfn()
+                        && l.gfn + l.level.frames() > slot.gfn()
                 })
                 .collect();
             if huge.is_empty() {
@@ -85,26 +64,28 @@ where
                 let out = self.cpu.split(root, l.gfn, l.level)?;
                 let ns = self.timer.now_ns().saturating_sub(start);
                 if shared_cpu {
-                    let range =
-                        crate::event::GpaRange::new(l.gfn << 12, PteFormat::level_size(l.level));
-                    let page_size = crate::event::PageSize::from_level(l.level - 1)
-                        .unwrap_or(crate::event::PageSize::Size4K);
-                    let cause = crate::event::PrepopCause::HugePageSplit;
-                    self.emit(crate::event::EventKind::PrepopulateStart {
+                    let range = GpaRange::of_frames(l.gfn, l.level.frames());
+                    let page_size = l
+                        .level
+                        .down()
+                        .and_then(Level::page_size)
+                        .unwrap_or(PageSize::Size4K);
+                    let cause = PrepopCause::HugePageSplit;
+                    self.emit(EventKind::PrepopulateStart {
                         range,
                         page_size,
                         cause,
                     });
                     self.clock.charge(ns);
                     self.totals.prepop_ns += ns;
-                    self.emit(crate::event::EventKind::PrepopulateEnd {
+                    self.emit(EventKind::PrepopulateEnd {
                         range,
                         page_size,
                         cause,
                         entries: out.entries,
                         ns,
                     });
-                    self.content_updated(l.gfn, PteFormat::frames(l.level));
+                    self.content_updated(l.gfn, l.level.frames());
                 }
             }
         }
@@ -149,7 +130,7 @@ where
                 frames
             }
             DirtyTracking::WriteProtect => {
-                let frames: alloc::vec::Vec<u64> = self
+                let frames: Vec<Gfn> = self
                     .dirty_frames
                     .iter()
                     .copied()
@@ -159,7 +140,7 @@ where
                     self.dirty_frames.remove(&g);
                     self.cpu.write_protect(root, g, 1)?;
                 }
-                if !frames.is_empty() && self.is_sharing() && self.mode.shares_cpu_root() {
+                if !frames.is_empty() && self.iommu_on_cpu_root() {
                     self.content_updated(slot.gfn(), slot.frames());
                 }
                 frames.len() as u64

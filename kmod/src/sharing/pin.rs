@@ -139,10 +139,11 @@ impl Pinner for ModelledPinner {
         }
         let mut cost = 0;
         let chunk = 1 << 21;
-        let mut at = slot.hpa & !(chunk - 1);
-        while at < slot.hpa + slot.size {
-            let from = at.max(slot.hpa);
-            let to = (at + chunk).min(slot.hpa + slot.size);
+        let (start, end) = (slot.hpa.0, slot.hpa.0 + slot.size);
+        let mut at = start & !(chunk - 1);
+        while at < end {
+            let from = at.max(start);
+            let to = (at + chunk).min(end);
             let n = (to - from) >> 12;
             cost += if self.populated.insert(at) {
                 n * self.model.first_touch_4k_ns
@@ -268,7 +269,7 @@ mod real {
                 return Err(PinError::GuestMemfd { slot: slot.id });
             }
             let start = Instant::now();
-            self.each_piece(slot.hpa, slot.size, "mlock", libc::mlock)?;
+            self.each_piece(slot.hpa.0, slot.size, "mlock", libc::mlock)?;
             self.pinned += slot.frames();
             Ok(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))
         }
@@ -276,7 +277,7 @@ mod real {
         fn unpin(&mut self, slot: &Memslot) -> u64 {
             let start = Instant::now();
             // munlock of a mapped range cannot fail for a reason the caller could act on.
-            let _ = self.each_piece(slot.hpa, slot.size, "munlock", libc::munlock);
+            let _ = self.each_piece(slot.hpa.0, slot.size, "munlock", libc::munlock);
             self.pinned = self.pinned.saturating_sub(slot.frames());
             u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
         }
@@ -309,10 +310,10 @@ mod tests {
         Memslot {
             id: 1,
             as_id: 0,
-            gpa: 0,
+            gpa: crate::decision::addr::Gpa(0),
             size,
             flags: 0,
-            hpa,
+            hpa: crate::decision::addr::Hpa(hpa),
             kind: SlotKind::User,
         }
     }

@@ -3,73 +3,71 @@
 
 use alloc::vec::Vec;
 
-use crate::decision::format::{Perms, PteFormat};
+use crate::decision::addr::{Gfn, Hpa, Level, PageSize};
+use crate::decision::format::Perms;
 use crate::event::clock::Clock;
-use crate::event::{EventKind, EventSink, GpaRange, PageSize, PrepopCause};
+use crate::event::{EventKind, EventSink, GpaRange, PrepopCause};
 use crate::sharing::engine::{SharingError, SharingVm};
-use crate::sharing::pin::Pinner;
+use crate::sharing::platform::Platform;
 use crate::sharing::vm::{Memslot, MmioRange};
 use crate::table::mmu::{Mapping, MmuError, Outcome, RootId, TdpMmu};
 use crate::table::page_alloc::PageAllocator;
 
-/// Maps `[gfn, gfn + frames)` → `hpa..` with leaves up to `max_level`: each naturally aligned
-/// chunk with the largest level its guest and host alignment allow; where smaller leaves are
-/// already in the way, one level down. Returns the outcome and the largest level used.
+/// Maps `template`'s range with leaves up to `max_level`: each naturally aligned chunk with the
+/// largest level its guest and host alignment allow; where smaller leaves are already in the
+/// way, one level down. Returns the outcome and the largest level used.
 fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
-    mmu: &mut TdpMmu<&A, S, C>,
+    mmu: &mut TdpMmu<A, S, C>,
     root: RootId,
     template: Mapping,
-    max_level: u8,
-) -> Result<(Outcome, u8), MmuError> {
-    let Mapping {
-        gfn, frames, hpa, ..
-    } = template;
-    let end = gfn + frames;
+    max_level: Level,
+) -> Result<(Outcome, Level), MmuError> {
+    let (gfn, end) = (template.gfn, template.end());
     let mut out = Outcome::default();
-    let mut largest = 1;
+    let mut largest = Level::L1;
     // (start, level) chunks still to map; processed in order.
-    let mut work: Vec<(u64, u8)> = Vec::new();
+    let mut work: Vec<(Gfn, Level)> = Vec::new();
     let mut at = gfn;
     while at < end {
         let mut level = max_level;
-        loop {
-            let f = PteFormat::frames(level);
-            let host = (hpa >> 12) + (at - gfn);
-            if level == 1 || (at & (f - 1) == 0 && host & (f - 1) == 0 && at + f <= end) {
+        while let Some(below) = level.down() {
+            let host_aligned = template.hpa_of(at).is_aligned(level.size());
+            if at.is_aligned(level) && host_aligned && at + level.frames() <= end {
                 break;
             }
-            level -= 1;
+            level = below;
         }
         // Extend a run of this level up to the next boundary of the level above.
-        let f = PteFormat::frames(level);
-        let next = if level < 3 {
-            let up = PteFormat::frames(level + 1);
-            ((at / up) + 1) * up
-        } else {
-            end
+        let f = level.frames();
+        let next = match level.up().filter(|_| level < Level::L3) {
+            Some(up) => at.align_down(up) + up.frames(),
+            None => end,
         };
-        let run_end = next.min(end - (end - at) % f).max(at + f);
+        let run_end = next.min(Gfn(end.0 - (end - at) % f)).max(at + f);
         let mut chunk = at;
         while chunk < run_end {
             work.push((chunk, level));
             // 4 KiB leaves go in runs (one page table at most), huge ones one by one.
-            chunk += if level == 1 { run_end - chunk } else { f };
+            chunk = if level == Level::L1 {
+                run_end
+            } else {
+                chunk + f
+            };
         }
         at = run_end;
     }
     let mut i = 0;
     while i < work.len() {
         let (start, level) = work[i];
-        let f = PteFormat::frames(level);
-        let len = if level == 1 {
+        let len = if level == Level::L1 {
             work.get(i + 1).map_or(end, |&(s, _)| s) - start
         } else {
-            f
+            level.frames()
         };
         let m = Mapping {
             gfn: start,
             frames: len,
-            hpa: hpa + ((start - gfn) << 12),
+            hpa: template.hpa_of(start),
             level,
             ..template
         };
@@ -86,10 +84,10 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
                 }
             }
             // Smaller leaves are in the way: one level down, in place.
-            Err(MmuError::Occupied { .. }) if level > 1 => {
-                let small = PteFormat::frames(level - 1);
-                let subs: Vec<(u64, u8)> = (0..f / small)
-                    .map(|k| (start + k * small, level - 1))
+            Err(MmuError::Occupied { .. }) if level > Level::L1 => {
+                let small = level.down().unwrap_or(Level::L1);
+                let subs: Vec<(Gfn, Level)> = (0..level.frames() / small.frames())
+                    .map(|k| (start + k * small.frames(), small))
                     .collect();
                 work.splice(i + 1..i + 1, subs);
             }
@@ -100,77 +98,80 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
     Ok((out, largest))
 }
 
-impl<'a, A, S, C, T, P> SharingVm<'a, A, S, C, T, P>
-where
-    A: PageAllocator,
-    S: EventSink + Clone,
-    C: Clock + Clone,
-    T: Clock,
-    P: Pinner,
-{
+impl<P: Platform> SharingVm<P> {
     /// Largest leaf level for `slot` in a table the IOMMU walks.
-    pub(crate) fn max_level_for_slot(&self, slot: &Memslot) -> u8 {
+    pub(crate) fn max_level_for_slot(&self, slot: &Memslot) -> Level {
         let cap = self
             .shared()
             .map_or(self.cpu.max_leaf_level(), |s| s.max_huge_level);
         if !self.vm.config.huge_pages
-            || (slot.dirty_logging() && self.mode.split_for_dirty_logging())
+            || (slot.dirty_logging() && self.policy.split_for_dirty_logging)
         {
-            1
+            Level::L1
         } else {
             cap.min(self.cpu.max_leaf_level())
         }
     }
 
-    pub(crate) fn max_level_for_mmio(&self) -> u8 {
-        if self.mode.huge_mmio() {
+    pub(crate) fn max_level_for_mmio(&self) -> Level {
+        if self.policy.huge_mmio {
             self.shared()
                 .map_or(self.cpu.max_leaf_level(), |s| s.max_huge_level)
         } else {
-            1
+            Level::L1
         }
     }
 
-    /// Maps one range into the IOMMU's table, timed and reported as a pre-population.
+    /// The mapping template of a range pre-populated into the IOMMU's table.
+    fn template(&self, range: GpaRange, hpa: Hpa, perms: Perms) -> Mapping {
+        Mapping {
+            gfn: range.start.gfn(),
+            frames: crate::decision::addr::bytes_to_frames(range.size),
+            hpa,
+            level: Level::L1,
+            perms,
+            attrs: self.leaf_attrs(true),
+        }
+    }
+
+    /// Maps `jobs` (templates with their largest level) into the IOMMU's table as one
+    /// pre-population of `span`, timed and reported.
     fn populate(
         &mut self,
-        range: GpaRange,
-        hpa: u64,
-        perms: Perms,
-        max_level: u8,
+        span: GpaRange,
+        jobs: &[(Mapping, Level)],
         cause: PrepopCause,
     ) -> Result<Outcome, SharingError> {
-        let attrs = self.leaf_attrs(true);
-        let template = Mapping {
-            gfn: range.start >> 12,
-            frames: range.size >> 12,
-            hpa,
-            level: 1,
-            perms,
-            attrs,
-        };
-        let first = PageSize::from_level(max_level).unwrap_or(PageSize::Size4K);
+        let first = jobs.iter().map(|&(_, l)| l).max().unwrap_or(Level::L1);
         self.emit(EventKind::PrepopulateStart {
-            range,
-            page_size: first,
+            range: span,
+            page_size: first.page_size().unwrap_or(PageSize::Size4K),
             cause,
         });
         let start = self.timer.now_ns();
-        let (mmu, root) = self
-            .iommu_table()
-            .ok_or(SharingError::State("sharing is not on"))?;
-        let (out, largest) = populate_range(mmu, root, template, max_level)?;
+        let mut total = Outcome::default();
+        let mut largest = Level::L1;
+        {
+            let (mmu, root) = self
+                .iommu_table()
+                .ok_or(SharingError::State("sharing is not on"))?;
+            for &(template, level) in jobs {
+                let (out, l) = populate_range(mmu, root, template, level)?;
+                total.add(out);
+                largest = largest.max(l);
+            }
+        }
         let ns = self.timer.now_ns().saturating_sub(start);
         self.clock.charge(ns);
         self.totals.prepop_ns += ns;
         self.emit(EventKind::PrepopulateEnd {
-            range,
-            page_size: PageSize::from_level(largest).unwrap_or(PageSize::Size4K),
+            range: span,
+            page_size: largest.page_size().unwrap_or(PageSize::Size4K),
             cause,
-            entries: out.entries,
+            entries: total.entries,
             ns,
         });
-        Ok(out)
+        Ok(total)
     }
 
     /// Pre-populates one pinned slot.
@@ -179,8 +180,11 @@ where
         slot: &Memslot,
         cause: PrepopCause,
     ) -> Result<Outcome, SharingError> {
-        let level = self.max_level_for_slot(slot);
-        let out = self.populate(slot.range(), slot.hpa, Self::slot_perms(slot), level, cause)?;
+        let job = (
+            self.template(slot.range(), slot.hpa, Self::slot_perms(slot)),
+            self.max_level_for_slot(slot),
+        );
+        let out = self.populate(slot.range(), &[job], cause)?;
         if out.flush_needed {
             self.content_updated(slot.gfn(), slot.frames());
         }
@@ -193,100 +197,38 @@ where
         range: &MmioRange,
         cause: PrepopCause,
     ) -> Result<Outcome, SharingError> {
-        let level = self.max_level_for_mmio();
-        self.populate(
-            GpaRange::new(range.gpa, range.size),
-            range.hpa,
-            Perms::RW,
-            level,
-            cause,
-        )
+        let job = (
+            self.template(range.range(), range.hpa, Perms::RW),
+            self.max_level_for_mmio(),
+        );
+        self.populate(range.range(), &[job], cause)
     }
 
     /// A full pre-population: every pinned slot and P2P range into the IOMMU's table, reported
     /// as one pre-population of the span they cover.
     pub(crate) fn prepopulate_all(&mut self, cause: PrepopCause) -> Result<Outcome, SharingError> {
-        let slots: Vec<Memslot> = self.pinned.values().copied().collect();
-        let mmio = self.vm.mmio.clone();
-        let lo = slots
-            .iter()
-            .map(|s| s.gpa)
-            .chain(mmio.iter().map(|m| m.gpa))
-            .min();
-        let hi = slots
-            .iter()
-            .map(|s| s.gpa + s.size)
-            .chain(mmio.iter().map(|m| m.gpa + m.size))
-            .max();
-        let (Some(lo), Some(hi)) = (lo, hi) else {
-            return Ok(Outcome::default());
-        };
-        let span = GpaRange::new(lo, hi - lo);
-        let max_level = slots
-            .iter()
-            .map(|s| self.max_level_for_slot(s))
-            .chain(mmio.iter().map(|_| self.max_level_for_mmio()))
-            .max()
-            .unwrap_or(1);
-        self.emit(EventKind::PrepopulateStart {
-            range: span,
-            page_size: PageSize::from_level(max_level).unwrap_or(PageSize::Size4K),
-            cause,
-        });
-        let start = self.timer.now_ns();
-        let mut total = Outcome::default();
-        let mut largest = 1;
-        let attrs = self.leaf_attrs(true);
-        let jobs: Vec<(Mapping, u8)> = slots
-            .iter()
+        let jobs: Vec<(Mapping, Level)> = self
+            .pinned
+            .values()
             .map(|s| {
                 (
-                    Mapping {
-                        gfn: s.gfn(),
-                        frames: s.frames(),
-                        hpa: s.hpa,
-                        level: 1,
-                        perms: Self::slot_perms(s),
-                        attrs,
-                    },
+                    self.template(s.range(), s.hpa, Self::slot_perms(s)),
                     self.max_level_for_slot(s),
                 )
             })
-            .chain(mmio.iter().map(|m| {
+            .chain(self.vm.mmio.iter().map(|m| {
                 (
-                    Mapping {
-                        gfn: m.gpa >> 12,
-                        frames: m.size >> 12,
-                        hpa: m.hpa,
-                        level: 1,
-                        perms: Perms::RW,
-                        attrs,
-                    },
+                    self.template(m.range(), m.hpa, Perms::RW),
                     self.max_level_for_mmio(),
                 )
             }))
             .collect();
-        {
-            let (mmu, root) = self
-                .iommu_table()
-                .ok_or(SharingError::State("sharing is not on"))?;
-            for (template, level) in jobs {
-                let (out, l) = populate_range(mmu, root, template, level)?;
-                total.add(out);
-                largest = largest.max(l);
-            }
-        }
-        let ns = self.timer.now_ns().saturating_sub(start);
-        self.clock.charge(ns);
-        self.totals.prepop_ns += ns;
-        self.emit(EventKind::PrepopulateEnd {
-            range: span,
-            page_size: PageSize::from_level(largest).unwrap_or(PageSize::Size4K),
-            cause,
-            entries: total.entries,
-            ns,
-        });
-        Ok(total)
+        let lo = jobs.iter().map(|(m, _)| m.gfn).min();
+        let hi = jobs.iter().map(|(m, _)| m.end()).max();
+        let (Some(lo), Some(hi)) = (lo, hi) else {
+            return Ok(Outcome::default());
+        };
+        self.populate(GpaRange::of_frames(lo, hi - lo), &jobs, cause)
     }
 }
 
@@ -294,19 +236,22 @@ where
 mod tests {
     use super::*;
     use crate::decision::format::LeafAttrs;
+    use crate::decision::format::PteFormat;
     use crate::event::clock::ManualClock;
     use crate::event::{NullSink, RootCause};
     use crate::table::page_alloc::Arena;
 
-    fn run(gfn: u64, frames: u64, hpa: u64, max: u8) -> (Vec<(u64, u8)>, Outcome) {
+    const HOST: u64 = 0x40_0000_0000;
+
+    fn run(gfn: u64, frames: u64, hpa: u64, max: Level) -> (Vec<(u64, Level)>, Outcome) {
         let arena = Arena::new(256).unwrap();
         let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
         let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
         let t = Mapping {
-            gfn,
+            gfn: Gfn(gfn),
             frames,
-            hpa,
-            level: 1,
+            hpa: Hpa(hpa),
+            level: Level::L1,
             perms: Perms::RW,
             attrs: LeafAttrs::default(),
         };
@@ -315,7 +260,7 @@ mod tests {
             .leaves(root)
             .unwrap()
             .iter()
-            .map(|l| (l.gfn, l.level))
+            .map(|l| (l.gfn.0, l.level))
             .collect();
         (leaves, out)
     }
@@ -325,19 +270,22 @@ mod tests {
         // 4 KiB head, 2 MiB body, 1 GiB in the middle, 4 KiB tail.
         let gfn = (1 << 18) - 512 - 3;
         let frames = 3 + 512 + (1 << 18) + 512 + 5;
-        let (leaves, out) = run(gfn, frames, 0x40_0000_0000 + (gfn << 12), 3);
+        let (leaves, out) = run(gfn, frames, HOST + (gfn << 12), Level::L3);
         let count = |lvl| leaves.iter().filter(|(_, l)| *l == lvl).count();
-        assert_eq!((count(1), count(2), count(3)), (8, 2, 1));
+        assert_eq!(
+            (count(Level::L1), count(Level::L2), count(Level::L3)),
+            (8, 2, 1)
+        );
         assert_eq!(out.entries, 11);
         // Covers exactly the range.
-        let covered: u64 = leaves.iter().map(|(_, l)| PteFormat::frames(*l)).sum();
+        let covered: u64 = leaves.iter().map(|(_, l)| l.frames()).sum();
         assert_eq!(covered, frames);
     }
 
     #[test]
     fn misaligned_host_memory_gets_small_leaves() {
-        let (leaves, _) = run(0, 1024, 0x40_0000_1000, 3);
-        assert!(leaves.iter().all(|(_, l)| *l == 1));
+        let (leaves, _) = run(0, 1024, HOST + 0x1000, Level::L3);
+        assert!(leaves.iter().all(|(_, l)| *l == Level::L1));
         assert_eq!(leaves.len(), 1024);
     }
 
@@ -347,10 +295,10 @@ mod tests {
         let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
         let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
         let huge = Mapping {
-            gfn: 0,
+            gfn: Gfn(0),
             frames: 512,
-            hpa: 0x40_0000_0000,
-            level: 2,
+            hpa: Hpa(HOST),
+            level: Level::L2,
             perms: Perms::RW,
             attrs: LeafAttrs::default(),
         };
@@ -361,18 +309,18 @@ mod tests {
         };
         // A 4 KiB-only population of part of it (e.g. a slot with dirty logging).
         let t = Mapping {
-            gfn: 8,
+            gfn: Gfn(8),
             frames: 8,
-            hpa: 0x40_0000_8000,
-            level: 1,
+            hpa: Hpa(HOST + 0x8000),
+            level: Level::L1,
             attrs: pinned,
             ..huge
         };
-        populate_range(&mut mmu, root, t, 1).unwrap();
-        let leaf = mmu.lookup(root, 8).unwrap().unwrap();
-        assert_eq!(leaf.level, 2);
+        populate_range(&mut mmu, root, t, Level::L1).unwrap();
+        let leaf = mmu.lookup(root, Gfn(8)).unwrap().unwrap();
+        assert_eq!(leaf.level, Level::L2);
         assert!(leaf.attrs.pinned, "the covering huge leaf is now guarded");
-        assert!(mmu.zap(root, 0, 512, false).is_err());
+        assert!(mmu.zap(root, Gfn(0), 512, false).is_err());
     }
 
     #[test]
@@ -381,10 +329,10 @@ mod tests {
         let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
         let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
         let t = Mapping {
-            gfn: 0,
+            gfn: Gfn(0),
             frames: 1024,
-            hpa: 0x40_0000_0000,
-            level: 1,
+            hpa: Hpa(HOST),
+            level: Level::L1,
             perms: Perms::RW,
             attrs: LeafAttrs::default(),
         };
@@ -392,20 +340,20 @@ mod tests {
             root,
             &Mapping {
                 frames: 1,
-                gfn: 600,
-                hpa: 0x40_0000_0000 + (600 << 12),
+                gfn: Gfn(600),
+                hpa: Hpa(HOST + (600 << 12)),
                 ..t
             },
         )
         .unwrap();
-        populate_range(&mut mmu, root, t, 2).unwrap();
+        populate_range(&mut mmu, root, t, Level::L2).unwrap();
         let leaves = mmu.leaves(root).unwrap();
-        assert_eq!(leaves.iter().filter(|l| l.level == 2).count(), 1);
-        assert_eq!(leaves.iter().filter(|l| l.level == 1).count(), 512);
-        for g in [0, 511, 512, 600, 1023] {
+        assert_eq!(leaves.iter().filter(|l| l.level == Level::L2).count(), 1);
+        assert_eq!(leaves.iter().filter(|l| l.level == Level::L1).count(), 512);
+        for g in [0u64, 511, 512, 600, 1023] {
             assert_eq!(
-                mmu.lookup(root, g).unwrap().unwrap().hpa >> 12,
-                (0x40_0000_0000 >> 12) + g - g % if g < 512 { 512 } else { 1 }
+                mmu.lookup(root, Gfn(g)).unwrap().unwrap().hpa.pfn(),
+                (HOST >> 12) + g - g % if g < 512 { 512 } else { 1 }
             );
         }
     }

@@ -5,11 +5,19 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::decision::addr::{Gfn, Gpa, Hpa, bytes_to_frames};
 use crate::decision::caps::KvmCaps;
+use crate::decision::policy::Policy;
+use crate::decision::prereq::{SlotsNamed, VIommu, VmFacts};
 use crate::event::{GpaRange, Memslot as SlotEvent, VmId};
 
 /// KVM's private memslots: created by KVM itself, not by the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum PrivateKind {
     /// The VMX APIC-access page.
     ApicAccess,
@@ -17,6 +25,23 @@ pub enum PrivateKind {
     Tss,
     /// The identity-mapped page table for real mode (VMX without unrestricted guest).
     IdentityMap,
+}
+
+impl PrivateKind {
+    /// DMA may see this private page under `policy` (the APIC-access page only where the
+    /// policy lets it; the others always).
+    pub const fn visible_to_dma(self, policy: &Policy) -> bool {
+        !matches!(self, PrivateKind::ApicAccess) || policy.apic_access_visible
+    }
+
+    /// KVM's slot id and size in pages (`__x86_set_memory_region`).
+    pub const fn slot_and_pages(self) -> (u16, u64) {
+        match self {
+            PrivateKind::Tss => (509, 3),
+            PrivateKind::IdentityMap => (510, 1),
+            PrivateKind::ApicAccess => (511, 1),
+        }
+    }
 }
 
 /// Who created a slot.
@@ -33,13 +58,13 @@ pub struct Memslot {
     pub id: u16,
     /// 0 normal, 1 SMM.
     pub as_id: u8,
-    pub gpa: u64,
+    pub gpa: Gpa,
     pub size: u64,
     /// `KVM_MEM_*` flags.
     pub flags: u32,
     /// Host address backing `gpa` (the backing is contiguous in the model; scenarios from VMM
     /// traces use the VMM's userspace address).
-    pub hpa: u64,
+    pub hpa: Hpa,
     pub kind: SlotKind,
 }
 
@@ -47,11 +72,15 @@ impl Memslot {
     pub fn range(&self) -> GpaRange {
         GpaRange::new(self.gpa, self.size)
     }
-    pub fn gfn(&self) -> u64 {
-        self.gpa >> 12
+    pub fn gfn(&self) -> Gfn {
+        self.gpa.gfn()
     }
     pub fn frames(&self) -> u64 {
-        self.size >> 12
+        bytes_to_frames(self.size)
+    }
+    /// One past the slot's last frame.
+    pub fn end_gfn(&self) -> Gfn {
+        self.gfn() + self.frames()
     }
     pub fn readonly(&self) -> bool {
         self.flags & SlotEvent::FLAG_READONLY != 0
@@ -62,12 +91,16 @@ impl Memslot {
     pub fn guest_memfd(&self) -> bool {
         self.flags & SlotEvent::FLAG_GUEST_MEMFD != 0
     }
-    pub fn contains_gfn(&self, gfn: u64) -> bool {
-        gfn >= self.gfn() && gfn < self.gfn() + self.frames()
+    /// A user slot of the normal address space: what sharing pins.
+    pub fn is_user_memory(&self) -> bool {
+        self.kind == SlotKind::User && self.as_id == 0
+    }
+    pub fn contains_gfn(&self, gfn: Gfn) -> bool {
+        gfn >= self.gfn() && gfn < self.end_gfn()
     }
     /// Host address of guest frame `gfn` (inside the slot).
-    pub fn hpa_of(&self, gfn: u64) -> u64 {
-        self.hpa + ((gfn - self.gfn()) << 12)
+    pub fn hpa_of(&self, gfn: Gfn) -> Hpa {
+        self.hpa.offset_frames(gfn - self.gfn())
     }
     /// The event model's view.
     pub fn event(&self) -> SlotEvent {
@@ -77,7 +110,7 @@ impl Memslot {
             gpa: self.gpa,
             size: self.size,
             flags: self.flags,
-            ua: self.hpa,
+            ua: self.hpa.0,
         }
     }
 }
@@ -85,20 +118,24 @@ impl Memslot {
 /// A peer device's MMIO range mapped into the guest (BAR), target of P2P DMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioRange {
-    pub gpa: u64,
+    pub gpa: Gpa,
     pub size: u64,
-    pub hpa: u64,
+    pub hpa: Hpa,
 }
 
-/// How the guest sees an IOMMU, if at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VIommu {
-    #[default]
-    None,
-    /// Nested translation in hardware: stage 2 is still GPA → HPA.
-    Nested,
-    /// Shadowed by the VMM: the IOMMU table translates IOVA, not GPA.
-    Shadow,
+impl MmioRange {
+    pub fn range(&self) -> GpaRange {
+        GpaRange::new(self.gpa, self.size)
+    }
+    pub fn gfn(&self) -> Gfn {
+        self.gpa.gfn()
+    }
+    pub fn frames(&self) -> u64 {
+        bytes_to_frames(self.size)
+    }
+    pub fn contains_gfn(&self, gfn: Gfn) -> bool {
+        gfn >= self.gfn() && gfn < self.gfn() + self.frames()
+    }
 }
 
 /// What the VM was created with; what the handshake checks.
@@ -131,7 +168,7 @@ pub enum SlotError {
     Overlap { slot: u16, other: u16 },
     NoSuchSlot { as_id: u8, slot: u16 },
     Exists { as_id: u8, slot: u16 },
-    Unaligned { gpa: u64, size: u64 },
+    Unaligned { gpa: Gpa, size: u64 },
 }
 
 impl fmt::Display for SlotError {
@@ -147,10 +184,7 @@ impl fmt::Display for SlotError {
                 write!(f, "memslot {slot} already exists in address space {as_id}")
             }
             SlotError::Unaligned { gpa, size } => {
-                write!(
-                    f,
-                    "memslot at {gpa:#x} of {size:#x} bytes is not page-aligned"
-                )
+                write!(f, "memslot at {gpa} of {size:#x} bytes is not page-aligned")
             }
         }
     }
@@ -189,15 +223,23 @@ impl Vm {
     }
 
     /// The slot of address space `as_id` holding `gfn`.
-    pub fn slot_of(&self, as_id: u8, gfn: u64) -> Option<&Memslot> {
+    pub fn slot_of(&self, as_id: u8, gfn: Gfn) -> Option<&Memslot> {
         self.slots
             .values()
             .find(|s| s.as_id == as_id && s.contains_gfn(gfn))
     }
 
+    /// The P2P MMIO range holding `gfn`.
+    pub fn mmio_of(&self, gfn: Gfn) -> Option<&MmioRange> {
+        self.mmio.iter().find(|m| m.contains_gfn(gfn))
+    }
+
     /// Adds a slot after KVM's checks (page alignment, no overlap in its address space).
     pub fn add_slot(&mut self, slot: Memslot) -> Result<(), SlotError> {
-        if slot.gpa & 0xfff != 0 || slot.size & 0xfff != 0 || slot.size == 0 {
+        if slot.gpa.page_offset() != 0
+            || slot.size & crate::decision::addr::PAGE_MASK != 0
+            || slot.size == 0
+        {
             return Err(SlotError::Unaligned {
                 gpa: slot.gpa,
                 size: slot.size,
@@ -209,11 +251,11 @@ impl Vm {
                 slot: slot.id,
             });
         }
-        let end = slot.gpa + slot.size;
+        let (start, end) = (slot.gfn(), slot.end_gfn());
         if let Some(other) = self
             .slots
             .values()
-            .find(|o| o.as_id == slot.as_id && o.gpa < end && slot.gpa < o.gpa + o.size)
+            .find(|o| o.as_id == slot.as_id && o.gfn() < end && start < o.end_gfn())
         {
             return Err(SlotError::Overlap {
                 slot: slot.id,
@@ -239,9 +281,33 @@ impl Vm {
         Ok(*slot)
     }
 
+    /// The vCPU `id`.
+    pub fn vcpu(&self, id: u32) -> Option<&Vcpu> {
+        self.vcpus.iter().find(|v| v.id == id)
+    }
+
     /// vCPUs currently in SMM.
     pub fn vcpus_in_smm(&self) -> usize {
         self.vcpus.iter().filter(|v| v.in_smm).count()
+    }
+
+    /// What the handshake's checks need to know.
+    pub fn facts(&self) -> VmFacts {
+        let c = &self.config;
+        let mut guest_memfd = SlotsNamed::default();
+        for slot in self.slots().filter(|s| s.guest_memfd()) {
+            guest_memfd.add(slot.id);
+        }
+        VmFacts {
+            tdp: c.tdp,
+            nested_tdp_exposed: c.nested_tdp_exposed,
+            viommu: c.viommu,
+            kvm: c.kvm,
+            device_iopf: c.device_iopf,
+            noncoherent_dma: c.noncoherent_dma,
+            vcpus: u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX),
+            guest_memfd,
+        }
     }
 }
 
@@ -270,10 +336,10 @@ pub(crate) mod tests {
         Memslot {
             id,
             as_id: 0,
-            gpa,
+            gpa: Gpa(gpa),
             size,
             flags: 0,
-            hpa: 0x40_0000_0000 + gpa,
+            hpa: Hpa(0x40_0000_0000 + gpa),
             kind: SlotKind::User,
         }
     }
@@ -300,13 +366,28 @@ pub(crate) mod tests {
             ..slot(0, 0, 0xa0000)
         })
         .unwrap();
-        assert_eq!(vm.slot_of(0, 0x9f).unwrap().id, 0);
-        assert_eq!(vm.slot_of(0, 0xa0), None);
-        assert_eq!(vm.slot(0, 0).unwrap().hpa_of(5), 0x40_0000_5000);
+        assert_eq!(vm.slot_of(0, Gfn(0x9f)).unwrap().id, 0);
+        assert_eq!(vm.slot_of(0, Gfn(0xa0)), None);
+        assert_eq!(vm.slot(0, 0).unwrap().hpa_of(Gfn(5)), Hpa(0x40_0000_5000));
         vm.remove_slot(0, 0).unwrap();
         assert_eq!(
             vm.remove_slot(0, 0),
             Err(SlotError::NoSuchSlot { as_id: 0, slot: 0 })
+        );
+    }
+
+    #[test]
+    fn facts_name_guest_memfd_slots() {
+        let mut vm = Vm::new(1, config(), 0);
+        vm.add_slot(Memslot {
+            flags: SlotEvent::FLAG_GUEST_MEMFD,
+            ..slot(3, 0, 0x1000)
+        })
+        .unwrap();
+        let f = vm.facts();
+        assert_eq!(
+            (f.guest_memfd.first, f.guest_memfd.count, f.vcpus),
+            (Some(3), 1, 0)
         );
     }
 }

@@ -1,38 +1,23 @@
 //! Running a scenario in one mode.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-
+use crate::decision::caps::IommuCaps;
 use crate::decision::format::PteFormat;
-use crate::decision::policy as mode;
+use crate::decision::policy::{DirtyTracking, ShareMode};
 use crate::event::clock::{Clock, ManualClock, MonotonicClock};
 use crate::event::stats::VmStats;
-use crate::event::{Event, EventSink, ShareMode, VmId};
+use crate::event::{Event, VmId};
+use crate::iommu::domain::IommuDomain;
 use crate::iommu::iotlb::{CostModel, Iotlb};
-use crate::iommu::walker::{DmaWalker, IommuDomain};
-use crate::sharing::dirty::DirtyTracking;
+use crate::iommu::walker::DmaWalker;
 use crate::sharing::engine::{SharingError, SharingVm, Totals};
 use crate::sharing::handshake;
 use crate::sharing::pin::{CostSource, ModelledPinner, PinCostModel, Pinner, RealMemoryPinner};
+use crate::sharing::platform::{Parts, Platform};
 use crate::sharing::vm::{Memslot, MmioRange, SlotKind, Vm};
+use crate::sim::machine::{DeviceTotals, Machine};
+use crate::sim::platform::{SharedSink, SimPlatform};
 use crate::sim::scenario::{Action, Scenario, Step};
 use crate::table::page_alloc::{Arena, PageAllocator};
-
-/// A sink that keeps every event, shared by the engine's MMUs (cloning shares the buffer).
-#[derive(Debug, Clone, Default)]
-pub struct SharedSink(Rc<RefCell<Vec<Event>>>);
-
-impl EventSink for SharedSink {
-    fn emit(&mut self, event: Event) {
-        self.0.borrow_mut().push(event);
-    }
-}
-
-impl SharedSink {
-    pub fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut self.0.borrow_mut())
-    }
-}
 
 /// How to run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,7 +40,7 @@ pub enum SimError {
         mode: ShareMode,
         step: usize,
         at_us: u64,
-        action: String,
+        action: &'static str,
         #[source]
         source: SharingError,
     },
@@ -68,7 +53,10 @@ pub struct ModeRun {
     pub vm: VmId,
     pub events: Vec<Event>,
     pub stats: VmStats,
+    /// The engine's figures.
     pub totals: Totals,
+    /// What the simulated device's DMA met.
+    pub device: DeviceTotals,
     /// Page-table pages: most at once, and at the end.
     pub table_pages_peak: u64,
     pub table_pages_end: u64,
@@ -98,15 +86,14 @@ pub fn run_mode(
         scenario: scenario.name.clone(),
         what,
     };
-    let config = scenario.vm.config().map_err(setup)?;
-    let caps = scenario.iommu.caps().map_err(setup)?;
-    let mode = mode::mode(share_mode);
+    let config = scenario.vm.config();
+    let caps = scenario.iommu.caps();
     let arena =
         Arena::new(ARENA_PAGES).ok_or_else(|| setup("cannot reserve table memory".into()))?;
     let iotlb = Iotlb::new(scenario.iommu.iotlb_entries, CostModel::default());
     // The IOMMU walks the negotiated format; where the handshake will refuse, KVM's own.
     let probe = Vm::new(vm_id, config, scenario.vm.vcpus);
-    let format = handshake::check(mode, &probe, &caps).map_or_else(
+    let format = handshake::check(&share_mode.policy(), &probe, &caps).map_or_else(
         |_| PteFormat::of(config.kvm.kind, config.kvm.levels).unwrap_or(PteFormat::EPT4),
         |s| s.format,
     );
@@ -131,18 +118,17 @@ pub fn run_mode(
     let pin_cost = pinner.cost_source();
     let sink = SharedSink::default();
     let clock = ManualClock::new(0);
-    let vm = Vm::new(vm_id, config, scenario.vm.vcpus);
-    let mut svm = SharingVm::new(
-        vm,
-        mode,
-        &arena,
-        &domain,
-        fallback,
+    let parts: Parts<SimPlatform<'_>> = Parts {
+        alloc: &arena,
+        iommu: &domain,
         pinner,
-        sink.clone(),
-        &clock,
-        MonotonicClock::new(),
-    );
+        sink: sink.clone(),
+        clock: &clock,
+        timer: MonotonicClock::new(),
+    };
+    let vm = Vm::new(vm_id, config, scenario.vm.vcpus);
+    let engine = SharingVm::new(vm, share_mode, Some(fallback), parts);
+    let mut machine = Machine::new(engine, &domain);
     let dirty = opts.dirty_tracking.or(scenario.sharing.dirty_tracking);
     let mut refusals = Vec::new();
     let mut pinned_peak = 0;
@@ -154,8 +140,8 @@ pub fn run_mode(
         }
         let result = match step.action {
             // Stopping what a refusal never started changes nothing.
-            Action::ShareStop if !svm.is_sharing() && !refusals.is_empty() => Ok(()),
-            _ => apply(&mut svm, step, &caps, dirty),
+            Action::ShareStop if !machine.engine.is_sharing() && !refusals.is_empty() => Ok(()),
+            _ => apply(&mut machine, step, &caps, dirty),
         };
         match result {
             Ok(()) => {}
@@ -166,18 +152,18 @@ pub fn run_mode(
                     mode: share_mode,
                     step: i + 1,
                     at_us: step.at_us,
-                    action: describe(&step.action),
+                    action: step.action.name(),
                     source,
                 });
             }
         }
         if opts.verify_dma {
-            svm.verify_pinned_dma();
+            machine.verify_pinned_dma();
         }
-        pinned_peak = pinned_peak.max(svm.pinner().pinned_pages());
+        pinned_peak = pinned_peak.max(machine.engine.pinner().pinned_pages());
         pages_peak = pages_peak.max(arena.pages_in_use());
-        if svm.is_sharing() {
-            iommu_leaves = svm.iommu_leaf_census();
+        if machine.engine.is_sharing() {
+            iommu_leaves = machine.engine.iommu_leaf_census();
         }
     }
     let events = sink.take();
@@ -190,11 +176,12 @@ pub fn run_mode(
         vm: vm_id,
         events,
         stats,
-        totals: svm.totals,
+        totals: machine.engine.totals,
+        device: machine.device,
         table_pages_peak: pages_peak.max(arena.peak_pages()),
         table_pages_end: arena.pages_in_use(),
         pinned_pages_peak: pinned_peak,
-        pinned_pages_end: svm.pinner().pinned_pages(),
+        pinned_pages_end: machine.engine.pinner().pinned_pages(),
         pin_cost,
         refusals,
         iommu_leaves,
@@ -202,27 +189,22 @@ pub fn run_mode(
     })
 }
 
-fn describe(action: &Action) -> String {
-    let text = format!("{action:?}");
-    text.split_once(' ')
-        .map_or(text.clone(), |(name, _)| name.to_owned())
-}
-
-fn apply<A: PageAllocator, S: EventSink + Clone, C: Clock + Clone, T: Clock, P: Pinner>(
-    svm: &mut SharingVm<'_, A, S, C, T, P>,
+fn apply<P: Platform>(
+    m: &mut Machine<'_, P>,
     step: &Step,
-    caps: &crate::decision::caps::IommuCaps,
+    caps: &IommuCaps,
     dirty: Option<DirtyTracking>,
 ) -> Result<(), SharingError> {
+    let engine = &mut m.engine;
     match step.action {
         Action::ShareStart => {
-            svm.request_sharing(caps)?;
+            engine.request_sharing(caps)?;
             if let Some(d) = dirty {
-                svm.set_dirty_tracking(d)?;
+                engine.set_dirty_tracking(d)?;
             }
             Ok(())
         }
-        Action::ShareStop => svm.stop_sharing().map(|_| ()),
+        Action::ShareStop => engine.stop_sharing().map(|_| ()),
         Action::MemslotAdd {
             slot,
             as_id,
@@ -230,7 +212,7 @@ fn apply<A: PageAllocator, S: EventSink + Clone, C: Clock + Clone, T: Clock, P: 
             size,
             flags,
             hpa,
-        } => svm.add_slot(Memslot {
+        } => engine.add_slot(Memslot {
             id: slot,
             as_id,
             gpa,
@@ -239,28 +221,24 @@ fn apply<A: PageAllocator, S: EventSink + Clone, C: Clock + Clone, T: Clock, P: 
             hpa,
             kind: SlotKind::User,
         }),
-        Action::MemslotDelete { slot, as_id } => svm.delete_slot(as_id, slot),
-        Action::MemslotMove { slot, as_id, gpa } => svm.move_slot(as_id, slot, gpa),
-        Action::MemslotFlags { slot, as_id, flags } => svm.set_slot_flags(as_id, slot, flags),
-        Action::PrivateSlot { ref kind, gpa, hpa } => {
-            let kind = Action::private_kind(kind)
-                .ok_or(SharingError::State("unknown private slot kind"))?;
-            svm.add_private_slot(kind, gpa, hpa)
-        }
-        Action::Mmio { gpa, size, hpa } => svm.add_mmio(MmioRange { gpa, size, hpa }),
+        Action::MemslotDelete { slot, as_id } => engine.delete_slot(as_id, slot),
+        Action::MemslotMove { slot, as_id, gpa } => engine.move_slot(as_id, slot, gpa),
+        Action::MemslotFlags { slot, as_id, flags } => engine.set_slot_flags(as_id, slot, flags),
+        Action::PrivateSlot { kind, gpa, hpa } => engine.add_private_slot(kind, gpa, hpa),
+        Action::Mmio { gpa, size, hpa } => engine.add_mmio(MmioRange { gpa, size, hpa }),
+        Action::Smm { vcpu, enter } => engine.smm(vcpu, enter),
+        Action::DirtyHarvest { slot, as_id } => engine.get_dirty_log(as_id, slot).map(|_| ()),
         Action::Touch {
             vcpu,
             gpa,
             size,
             write,
-        } => svm.touch(vcpu, gpa, size, write),
-        Action::Smm { vcpu, enter } => svm.smm(vcpu, enter),
+        } => m.touch(vcpu, gpa, size, write),
         Action::Dma {
             iova,
             size,
             write,
             stride,
-        } => svm.dma(iova, size, write, stride),
-        Action::DirtyHarvest { slot, as_id } => svm.get_dirty_log(as_id, slot).map(|_| ()),
+        } => m.dma(iova, size, write, stride),
     }
 }

@@ -19,19 +19,25 @@
 //! hpa = 0x7f0000000000
 //! ```
 //!
-//! Every field but `name` and `timeline` has a default; unknown fields are errors, so a typo
-//! does not silently change a run. A scenario can also be made from a recorded trace
-//! ([`Scenario::from_events`]).
+//! Every field but `name` has a default (the `Default` impls below are the one place they are
+//! written); unknown fields and unknown names are errors. A scenario that could not run — steps
+//! out of order, a vCPU the VM does not have, a slot deleted before it was added, an unaligned
+//! slot — is refused when it is loaded, with the file's line and column, not when the engine
+//! meets it. A scenario can also be made from a recorded trace ([`Scenario::from_events`]).
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::decision::addr::{Gpa, Hpa, Iova, PAGE_MASK};
 use crate::decision::caps::{IommuCaps, KvmCaps};
 use crate::decision::format::Kind;
-use crate::event::{Event, EventKind, ShareMode, VmId};
-use crate::sharing::dirty::DirtyTracking;
-use crate::sharing::vm::{PrivateKind, VIommu, VmConfig};
+use crate::decision::policy::{DirtyTracking, ShareMode};
+use crate::decision::prereq::VIommu;
+use crate::event::{Event, EventKind, VmId};
+use crate::sharing::vm::{PrivateKind, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -47,8 +53,13 @@ pub enum ScenarioError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("scenario {path}: {what}")]
-    Invalid { path: PathBuf, what: String },
+    #[error("scenario {path}{at}: {what}")]
+    Invalid {
+        path: PathBuf,
+        /// `:LINE:COLUMN` of the offending step, when the scenario came from a file.
+        at: Location,
+        what: String,
+    },
     #[error("cannot read trace {path}")]
     Trace {
         path: PathBuf,
@@ -57,53 +68,34 @@ pub enum ScenarioError {
     },
 }
 
-fn yes() -> bool {
-    true
-}
-fn two() -> u32 {
-    2
+/// A place in a scenario file (1-based), or nowhere (a scenario made from a trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Location(pub Option<(usize, usize)>);
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some((line, column)) => write!(f, ":{line}:{column}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The VM and what KVM uses for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct VmSpec {
-    #[serde(default = "two")]
     pub vcpus: u32,
     /// Host memory in huge pages (THP / hugetlbfs).
-    #[serde(default = "yes")]
     pub huge_pages: bool,
-    #[serde(default = "yes")]
     pub tdp: bool,
-    #[serde(default)]
     pub nested_tdp_exposed: bool,
-    /// "none", "nested" or "shadow".
-    #[serde(default = "none")]
-    pub viommu: String,
-    /// "ept" or "npt".
-    #[serde(default = "ept")]
-    pub format: String,
-    #[serde(default = "four")]
+    pub viommu: VIommu,
+    pub format: Kind,
     pub levels: u8,
-    #[serde(default = "three")]
     pub max_huge_level: u8,
-    #[serde(default)]
     pub device_iopf: bool,
-    #[serde(default)]
     pub noncoherent_dma: bool,
-}
-
-fn none() -> String {
-    "none".into()
-}
-fn ept() -> String {
-    "ept".into()
-}
-fn four() -> u8 {
-    4
-}
-fn three() -> u8 {
-    3
 }
 
 impl Default for VmSpec {
@@ -113,8 +105,8 @@ impl Default for VmSpec {
             huge_pages: true,
             tdp: true,
             nested_tdp_exposed: false,
-            viommu: none(),
-            format: ept(),
+            viommu: VIommu::None,
+            format: Kind::Ept,
             levels: 4,
             max_huge_level: 3,
             device_iopf: false,
@@ -123,120 +115,89 @@ impl Default for VmSpec {
     }
 }
 
-fn kind_of(name: &str) -> Option<Kind> {
-    match name {
-        "ept" => Some(Kind::Ept),
-        "npt" => Some(Kind::Npt),
-        _ => None,
-    }
-}
-
 impl VmSpec {
-    pub fn config(&self) -> Result<VmConfig, String> {
-        let kind = kind_of(&self.format)
-            .ok_or_else(|| format!("vm.format {:?} is not \"ept\" or \"npt\"", self.format))?;
-        let viommu = match self.viommu.as_str() {
-            "none" => VIommu::None,
-            "nested" => VIommu::Nested,
-            "shadow" => VIommu::Shadow,
-            other => return Err(format!("vm.viommu {other:?} is not none, nested or shadow")),
-        };
-        Ok(VmConfig {
+    pub fn config(&self) -> VmConfig {
+        VmConfig {
             tdp: self.tdp,
             nested_tdp_exposed: self.nested_tdp_exposed,
-            viommu,
+            viommu: self.viommu,
             kvm: KvmCaps {
-                kind,
+                kind: self.format,
                 levels: self.levels,
                 max_huge_level: self.max_huge_level,
             },
             huge_pages: self.huge_pages,
             device_iopf: self.device_iopf,
             noncoherent_dma: self.noncoherent_dma,
-        })
+        }
     }
+}
+
+/// The IOMMU hardware a scenario has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IommuKind {
+    /// Intel VT-d, second-level (EPT-format) translation.
+    Vtd,
+    /// AMD IOMMU walking x86-64 (NPT-format) tables (v2).
+    Amd,
 }
 
 /// The IOMMU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct IommuSpec {
-    /// "vtd" (EPT-format second level) or "amd" (x86-64 format, v2).
-    #[serde(default = "vtd")]
-    pub kind: String,
-    #[serde(default = "levels")]
+    pub kind: IommuKind,
     pub levels: Vec<u8>,
-    #[serde(default = "yes")]
     pub superpage_2m: bool,
-    #[serde(default = "yes")]
     pub superpage_1g: bool,
-    #[serde(default = "yes")]
     pub snoop_control: bool,
-    #[serde(default = "yes")]
     pub coherent_walk: bool,
-    #[serde(default = "iotlb_entries")]
     pub iotlb_entries: usize,
-}
-
-fn vtd() -> String {
-    "vtd".into()
-}
-fn levels() -> Vec<u8> {
-    vec![4, 5]
-}
-fn iotlb_entries() -> usize {
-    4096
 }
 
 impl Default for IommuSpec {
     fn default() -> Self {
         Self {
-            kind: vtd(),
-            levels: levels(),
+            kind: IommuKind::Vtd,
+            levels: vec![4, 5],
             superpage_2m: true,
             superpage_1g: true,
             snoop_control: true,
             coherent_walk: true,
-            iotlb_entries: iotlb_entries(),
+            iotlb_entries: 4096,
         }
     }
 }
 
 impl IommuSpec {
-    pub fn caps(&self) -> Result<IommuCaps, String> {
-        let mut caps = match self.kind.as_str() {
-            "vtd" => IommuCaps::vtd(&self.levels, self.superpage_1g),
-            "amd" => IommuCaps::amd_v2(&self.levels),
-            other => return Err(format!("iommu.kind {other:?} is not \"vtd\" or \"amd\"")),
+    pub fn caps(&self) -> IommuCaps {
+        let mut caps = match self.kind {
+            IommuKind::Vtd => IommuCaps::vtd(&self.levels, self.superpage_1g),
+            IommuKind::Amd => IommuCaps::amd_v2(&self.levels),
         };
         caps.superpage_2m = self.superpage_2m;
         caps.superpage_1g = self.superpage_1g;
         caps.snoop_control = self.snoop_control;
         caps.coherent_walk = self.coherent_walk;
-        Ok(caps)
+        caps
     }
 }
 
 /// Which modes to run and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct SharingSpec {
-    #[serde(default = "all_modes")]
     pub modes: Vec<ShareMode>,
     /// Dirty tracking while sharing; default: dirty bits for pinning modes, write-protection
     /// with IO page faults.
-    #[serde(default)]
     pub dirty_tracking: Option<DirtyTracking>,
-}
-
-fn all_modes() -> Vec<ShareMode> {
-    ShareMode::ALL.to_vec()
 }
 
 impl Default for SharingSpec {
     fn default() -> Self {
         Self {
-            modes: all_modes(),
+            modes: ShareMode::ALL.to_vec(),
             dirty_tracking: None,
         }
     }
@@ -253,12 +214,12 @@ pub enum Action {
         slot: u16,
         #[serde(default)]
         as_id: u8,
-        gpa: u64,
+        gpa: Gpa,
         size: u64,
         #[serde(default)]
         flags: u32,
         /// The host memory behind the slot (the VMM's userspace address).
-        hpa: u64,
+        hpa: Hpa,
     },
     MemslotDelete {
         slot: u16,
@@ -269,7 +230,7 @@ pub enum Action {
         slot: u16,
         #[serde(default)]
         as_id: u8,
-        gpa: u64,
+        gpa: Gpa,
     },
     MemslotFlags {
         slot: u16,
@@ -277,23 +238,23 @@ pub enum Action {
         as_id: u8,
         flags: u32,
     },
-    /// KVM creates a private slot ("apic_access", "tss", "identity_map").
+    /// KVM creates one of its private slots.
     PrivateSlot {
-        kind: String,
-        gpa: u64,
-        hpa: u64,
+        kind: PrivateKind,
+        gpa: Gpa,
+        hpa: Hpa,
     },
     /// A peer device's BAR appears in the guest (P2P DMA target).
     Mmio {
-        gpa: u64,
+        gpa: Gpa,
         size: u64,
-        hpa: u64,
+        hpa: Hpa,
     },
     /// A vCPU reads or writes guest memory.
     Touch {
         #[serde(default)]
         vcpu: u32,
-        gpa: u64,
+        gpa: Gpa,
         size: u64,
         #[serde(default)]
         write: bool,
@@ -305,11 +266,11 @@ pub enum Action {
     },
     /// The device does DMA, one access per `stride` bytes.
     Dma {
-        iova: u64,
+        iova: Iova,
         size: u64,
         #[serde(default)]
         write: bool,
-        #[serde(default = "page")]
+        #[serde(default = "Action::page")]
         stride: u64,
     },
     /// `KVM_GET_DIRTY_LOG` of a slot.
@@ -320,18 +281,27 @@ pub enum Action {
     },
 }
 
-fn page() -> u64 {
-    4096
-}
-
 impl Action {
-    /// The private-slot kind named in a `private_slot` step.
-    pub fn private_kind(name: &str) -> Option<PrivateKind> {
-        match name {
-            "apic_access" => Some(PrivateKind::ApicAccess),
-            "tss" => Some(PrivateKind::Tss),
-            "identity_map" => Some(PrivateKind::IdentityMap),
-            _ => None,
+    /// The default DMA stride: one access per 4 KiB page.
+    const fn page() -> u64 {
+        crate::decision::addr::PAGE_SIZE
+    }
+
+    /// The step's name, as its `do` field spells it.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Action::ShareStart => "share_start",
+            Action::ShareStop => "share_stop",
+            Action::MemslotAdd { .. } => "memslot_add",
+            Action::MemslotDelete { .. } => "memslot_delete",
+            Action::MemslotMove { .. } => "memslot_move",
+            Action::MemslotFlags { .. } => "memslot_flags",
+            Action::PrivateSlot { .. } => "private_slot",
+            Action::Mmio { .. } => "mmio",
+            Action::Touch { .. } => "touch",
+            Action::Smm { .. } => "smm",
+            Action::Dma { .. } => "dma",
+            Action::DirtyHarvest { .. } => "dirty_harvest",
         }
     }
 }
@@ -362,6 +332,29 @@ pub struct Scenario {
     pub timeline: Vec<Step>,
 }
 
+/// Where each timeline step of a scenario file starts (byte offsets), read only when a step
+/// turns out to be invalid.
+#[derive(Deserialize)]
+struct StepSpans {
+    #[serde(default)]
+    timeline: Vec<toml::Spanned<toml::Table>>,
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// A mistake in step `index` (0-based) of the timeline.
+#[derive(Debug)]
+struct StepMistake {
+    index: Option<usize>,
+    what: String,
+}
+
 impl Scenario {
     /// Parses the text of a scenario file named `path` (for messages).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ScenarioError> {
@@ -369,9 +362,19 @@ impl Scenario {
             path: path.to_path_buf(),
             source,
         })?;
-        s.validate().map_err(|what| ScenarioError::Invalid {
-            path: path.to_path_buf(),
-            what,
+        s.validate().map_err(|m| {
+            let at = m.index.and_then(|i| {
+                let spans: StepSpans = toml::from_str(text).ok()?;
+                spans
+                    .timeline
+                    .get(i)
+                    .map(|t| line_column(text, t.span().start))
+            });
+            ScenarioError::Invalid {
+                path: path.to_path_buf(),
+                at: Location(at),
+                what: m.what,
+            }
         })?;
         Ok(s)
     }
@@ -379,23 +382,22 @@ impl Scenario {
     /// Reads a scenario: a `.toml` file, or a recorded trace (`.jsonl`) turned into one.
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
         if path.extension().is_some_and(|e| e == "jsonl") {
-            let reader = crate::event::trace::TraceReader::open(path).map_err(|source| {
-                ScenarioError::Trace {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
-            let events =
-                reader
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| ScenarioError::Trace {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
+            let trace = |source| ScenarioError::Trace {
+                path: path.to_path_buf(),
+                source,
+            };
+            let reader = crate::event::trace::TraceReader::open(path).map_err(trace)?;
+            let events = reader.collect::<Result<Vec<_>, _>>().map_err(trace)?;
             let name = path
                 .file_stem()
                 .map_or_else(|| "trace".to_owned(), |s| s.to_string_lossy().into_owned());
-            return Ok(Self::from_events(&name, None, &events));
+            let s = Self::from_events(&name, None, &events);
+            s.validate().map_err(|m| ScenarioError::Invalid {
+                path: path.to_path_buf(),
+                at: Location(None),
+                what: m.what,
+            })?;
+            return Ok(s);
         }
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
             path: path.to_path_buf(),
@@ -404,30 +406,102 @@ impl Scenario {
         Self::parse(path, &text)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        self.vm.config()?;
-        self.iommu.caps()?;
+    /// Checks that the scenario can run: every mistake a run would otherwise meet midway.
+    fn validate(&self) -> Result<(), StepMistake> {
+        let whole = |what: String| StepMistake { index: None, what };
         if self.sharing.modes.is_empty() {
-            return Err("sharing.modes is empty".into());
+            return Err(whole("sharing.modes is empty".into()));
+        }
+        if self.vm.max_huge_level == 0 {
+            return Err(whole(
+                "vm.max_huge_level is 0 (4 KiB leaves are level 1)".into(),
+            ));
         }
         let mut last = 0;
+        // The slots that exist before each step, as (as_id, slot).
+        let mut slots = BTreeSet::new();
         for (i, step) in self.timeline.iter().enumerate() {
+            let bad = |what: String| StepMistake {
+                index: Some(i),
+                what: format!("timeline step {} ({}): {what}", i + 1, step.action.name()),
+            };
             if step.at_us < last {
-                return Err(format!(
-                    "timeline step {} at {} us comes before the previous step at {} us",
-                    i + 1,
-                    step.at_us,
-                    last
-                ));
+                return Err(bad(format!(
+                    "at {} us it comes before the previous step at {last} us",
+                    step.at_us
+                )));
             }
             last = step.at_us;
-            if let Action::PrivateSlot { kind, .. } = &step.action
-                && Action::private_kind(kind).is_none()
-            {
-                return Err(format!(
-                    "timeline step {}: private slot kind {kind:?} is not apic_access, tss or identity_map",
-                    i + 1
-                ));
+            let aligned = |what: &str, value: u64| {
+                if value & PAGE_MASK == 0 {
+                    Ok(())
+                } else {
+                    Err(bad(format!("{what} {value:#x} is not 4 KiB-aligned")))
+                }
+            };
+            let exists = |slots: &BTreeSet<(u8, u16)>, as_id: u8, slot: u16| {
+                if slots.contains(&(as_id, slot)) {
+                    Ok(())
+                } else {
+                    Err(bad(format!(
+                        "memslot {slot} of address space {as_id} does not exist at this point"
+                    )))
+                }
+            };
+            let vcpu_exists = |vcpu: u32| {
+                if vcpu < self.vm.vcpus {
+                    Ok(())
+                } else {
+                    Err(bad(format!(
+                        "vCPU {vcpu} does not exist (the VM has {})",
+                        self.vm.vcpus
+                    )))
+                }
+            };
+            match step.action {
+                Action::MemslotAdd {
+                    slot,
+                    as_id,
+                    gpa,
+                    size,
+                    hpa,
+                    ..
+                } => {
+                    aligned("gpa", gpa.0)?;
+                    aligned("hpa", hpa.0)?;
+                    aligned("size", size)?;
+                    if size == 0 {
+                        return Err(bad("size is 0 (a deletion is memslot_delete)".into()));
+                    }
+                    if !slots.insert((as_id, slot)) {
+                        return Err(bad(format!(
+                            "memslot {slot} of address space {as_id} already exists"
+                        )));
+                    }
+                }
+                Action::MemslotDelete { slot, as_id } => {
+                    exists(&slots, as_id, slot)?;
+                    slots.remove(&(as_id, slot));
+                }
+                Action::MemslotMove { slot, as_id, gpa } => {
+                    exists(&slots, as_id, slot)?;
+                    aligned("gpa", gpa.0)?;
+                }
+                Action::MemslotFlags { slot, as_id, .. } | Action::DirtyHarvest { slot, as_id } => {
+                    exists(&slots, as_id, slot)?
+                }
+                Action::PrivateSlot { kind, gpa, hpa } => {
+                    aligned("gpa", gpa.0)?;
+                    aligned("hpa", hpa.0)?;
+                    slots.insert((0, kind.slot_and_pages().0));
+                }
+                Action::Mmio { gpa, size, hpa } => {
+                    aligned("gpa", gpa.0)?;
+                    aligned("hpa", hpa.0)?;
+                    aligned("size", size)?;
+                }
+                Action::Touch { vcpu, .. } | Action::Smm { vcpu, .. } => vcpu_exists(vcpu)?,
+                Action::ShareStart | Action::ShareStop | Action::Dma { .. } => {}
             }
         }
         Ok(())
@@ -436,49 +510,55 @@ impl Scenario {
     /// A scenario replaying what a trace recorded for VM `vm` (default: the first VM seen):
     /// memslot changes, vCPU page faults as touches, DMA mappings and IO page faults as DMA,
     /// sharing requests and stops. Sharing starts at the beginning when the trace never asked.
+    /// Changes to slots the trace never saw added (made before recording began) are left out:
+    /// they cannot be replayed.
     pub fn from_events(name: &str, vm: Option<VmId>, events: &[Event]) -> Self {
         let vm = vm.or_else(|| events.first().map(|e| e.vm));
         let mut timeline = Vec::new();
         let mut share_asked = false;
-        let mut slots = std::collections::BTreeMap::new();
+        let mut slots = BTreeSet::new();
         for e in events.iter().filter(|e| Some(e.vm) == vm) {
             let at_us = e.ts_ns / 1000;
             let vcpu = e.vcpu.unwrap_or(0);
-            let hpa_of = |s: &crate::event::Memslot| if s.ua != 0 { s.ua } else { s.gpa };
+            let known = |slots: &BTreeSet<(u8, u16)>, s: &crate::event::Memslot| {
+                slots.contains(&(s.as_id, s.slot))
+            };
             let action = match &e.kind {
                 EventKind::MemslotAdd(s) => {
-                    slots.insert((s.as_id, s.slot), *s);
+                    slots.insert((s.as_id, s.slot));
                     Action::MemslotAdd {
                         slot: s.slot,
                         as_id: s.as_id,
                         gpa: s.gpa,
                         size: s.size,
                         flags: s.flags,
-                        hpa: hpa_of(s),
+                        hpa: Hpa(if s.ua != 0 { s.ua } else { s.gpa.0 }),
                     }
                 }
-                EventKind::MemslotDelete(s) => {
+                EventKind::MemslotDelete(s) if known(&slots, s) => {
                     slots.remove(&(s.as_id, s.slot));
                     Action::MemslotDelete {
                         slot: s.slot,
                         as_id: s.as_id,
                     }
                 }
-                EventKind::MemslotMove { slot, .. } => Action::MemslotMove {
+                EventKind::MemslotMove { slot, .. } if known(&slots, slot) => Action::MemslotMove {
                     slot: slot.slot,
                     as_id: slot.as_id,
                     gpa: slot.gpa,
                 },
-                EventKind::MemslotFlags { slot, .. } => Action::MemslotFlags {
-                    slot: slot.slot,
-                    as_id: slot.as_id,
-                    flags: slot.flags,
-                },
+                EventKind::MemslotFlags { slot, .. } if known(&slots, slot) => {
+                    Action::MemslotFlags {
+                        slot: slot.slot,
+                        as_id: slot.as_id,
+                        flags: slot.flags,
+                    }
+                }
                 EventKind::PageFault { gfn, error_code } => Action::Touch {
                     vcpu,
-                    gpa: gfn << 12,
+                    gpa: gfn.gpa(),
                     size: 4096,
-                    write: error_code & 2 != 0,
+                    write: error_code & crate::sharing::faults::error_code::WRITE != 0,
                 },
                 EventKind::IommuMap { iova, size, .. } => Action::Dma {
                     iova: *iova,
@@ -512,10 +592,22 @@ impl Scenario {
         }
         // Traces from several sources may interleave: keep the timeline ordered.
         timeline.sort_by_key(|s| s.at_us);
+        let mut vm_spec = VmSpec::default();
+        // A recorded vCPU id the default VM lacks gets its vCPUs.
+        if let Some(max) = timeline
+            .iter()
+            .filter_map(|s| match s.action {
+                Action::Touch { vcpu, .. } | Action::Smm { vcpu, .. } => Some(vcpu),
+                _ => None,
+            })
+            .max()
+        {
+            vm_spec.vcpus = vm_spec.vcpus.max(max.saturating_add(1));
+        }
         Scenario {
             name: name.to_owned(),
             description: format!("generated from a recorded trace ({} steps)", timeline.len()),
-            vm: VmSpec::default(),
+            vm: vm_spec,
             iommu: IommuSpec::default(),
             sharing: SharingSpec::default(),
             timeline,
@@ -531,6 +623,7 @@ impl Scenario {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decision::addr::Gfn;
     use crate::event::{Memslot, Source};
 
     #[test]
@@ -564,10 +657,10 @@ size = 0x1000
             Action::MemslotAdd {
                 slot: 1,
                 as_id: 0,
-                gpa: 0x100000,
+                gpa: Gpa(0x100000),
                 size: 0x200000,
                 flags: 0,
-                hpa: 0x7f00_0010_0000
+                hpa: Hpa(0x7f00_0010_0000)
             }
         );
         assert!(matches!(
@@ -578,6 +671,7 @@ size = 0x1000
                 ..
             }
         ));
+        assert_eq!(s.timeline[2].action.name(), "dma");
         // Round trip through TOML.
         assert_eq!(
             Scenario::parse(Path::new("u.toml"), &s.to_toml()).unwrap(),
@@ -585,12 +679,23 @@ size = 0x1000
         );
     }
 
+    fn full_error(err: &ScenarioError) -> String {
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    }
+
     #[test]
     fn errors_name_the_cause() {
         let err =
             Scenario::parse(Path::new("bad.toml"), "name = \"x\"\n[vm]\nvcpu = 2\n").unwrap_err();
-        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        let text = full_error(&err);
         assert!(text.contains("bad.toml") && text.contains("vcpu"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
         let err = Scenario::parse(
             Path::new("order.toml"),
             "name = \"x\"\n[[timeline]]\nat_us = 5\ndo = \"share_start\"\n[[timeline]]\nat_us = 1\ndo = \"share_stop\"\n",
@@ -598,28 +703,66 @@ size = 0x1000
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "scenario order.toml: timeline step 2 at 1 us comes before the previous step at 5 us"
+            "scenario order.toml:5:1: timeline step 2 (share_stop): at 1 us it comes before the previous step at 5 us"
         );
         let err = Scenario::parse(
             Path::new("k.toml"),
             "name = \"x\"\n[iommu]\nkind = \"arm\"\n",
         )
         .unwrap_err();
+        let text = full_error(&err);
         assert!(
-            err.to_string()
-                .contains("\"arm\" is not \"vtd\" or \"amd\"")
+            text.contains("arm") && text.contains("vtd") && text.contains("line 3"),
+            "{text}"
         );
         let err = Scenario::parse(
             Path::new("a.toml"),
             "name = \"x\"\n[[timeline]]\nat_us = 1\ndo = \"warp\"\n",
         )
         .unwrap_err();
-        assert!(
-            std::error::Error::source(&err)
-                .unwrap()
-                .to_string()
-                .contains("warp")
-        );
+        assert!(full_error(&err).contains("warp"));
+    }
+
+    #[test]
+    fn typed_names_fail_at_load_time_with_their_place() {
+        for (text, needle) in [
+            ("[vm]\nformat = \"arm\"\n", "ept or npt"),
+            ("[vm]\nviommu = \"full\"\n", "none, nested or shadow"),
+            ("[sharing]\nmodes = [\"fast\"]\n", "pin_prepopulate"),
+            ("[sharing]\ndirty_tracking = \"all\"\n", "dirty_bits"),
+            (
+                "[[timeline]]\nat_us = 0\ndo = \"private_slot\"\nkind = \"vga\"\ngpa = 0\nhpa = 0\n",
+                "apic_access",
+            ),
+        ] {
+            let err =
+                Scenario::parse(Path::new("n.toml"), &format!("name = \"x\"\n{text}")).unwrap_err();
+            let full = full_error(&err);
+            assert!(full.contains(needle) && full.contains("line "), "{full}");
+        }
+    }
+
+    #[test]
+    fn mistakes_a_run_would_meet_are_refused_at_load_time() {
+        let cases = [
+            (
+                "[[timeline]]\nat_us = 0\ndo = \"touch\"\nvcpu = 7\ngpa = 0\nsize = 4096\n",
+                "n.toml:2:1: timeline step 1 (touch): vCPU 7 does not exist (the VM has 2)",
+            ),
+            (
+                "[[timeline]]\nat_us = 0\ndo = \"memslot_delete\"\nslot = 3\n",
+                "n.toml:2:1: timeline step 1 (memslot_delete): memslot 3 of address space 0 does not exist at this point",
+            ),
+            (
+                "[[timeline]]\nat_us = 0\ndo = \"share_start\"\n\n[[timeline]]\nat_us = 1\ndo = \"memslot_add\"\nslot = 0\ngpa = 0x800\nsize = 0x1000\nhpa = 0\n",
+                "n.toml:6:1: timeline step 2 (memslot_add): gpa 0x800 is not 4 KiB-aligned",
+            ),
+        ];
+        for (text, want) in cases {
+            let err =
+                Scenario::parse(Path::new("n.toml"), &format!("name = \"x\"\n{text}")).unwrap_err();
+            assert_eq!(err.to_string(), format!("scenario {want}"));
+        }
     }
 
     #[test]
@@ -627,7 +770,7 @@ size = 0x1000
         let slot = Memslot {
             slot: 3,
             as_id: 0,
-            gpa: 0x1000_0000,
+            gpa: Gpa(0x1000_0000),
             size: 0x10_0000,
             flags: 0,
             ua: 0x7f00_0000_0000,
@@ -638,26 +781,28 @@ size = 0x1000
             ev(
                 2_000,
                 EventKind::PageFault {
-                    gfn: 0x10000,
+                    gfn: Gfn(0x10000),
                     error_code: 2,
                 },
             ),
             ev(
                 3_000,
                 EventKind::IommuMap {
-                    iova: 0x1000_0000,
+                    iova: Iova(0x1000_0000),
                     size: 0x2000,
                     ns: 0,
                 },
             ),
             Event::new(3_500, 7, Source::Live, EventKind::MemslotDelete(slot)),
             ev(4_000, EventKind::MemslotDelete(slot)),
+            // A slot added before the recording began: its deletion cannot be replayed.
+            ev(5_000, EventKind::MemslotDelete(Memslot { slot: 9, ..slot })),
         ];
         let s = Scenario::from_events("t", None, &events);
         let kinds: Vec<_> = s
             .timeline
             .iter()
-            .map(|st| format!("{}:{:?}", st.at_us, std::mem::discriminant(&st.action)))
+            .map(|st| format!("{}:{}", st.at_us, st.action.name()))
             .collect();
         assert_eq!(
             kinds.len(),
@@ -668,7 +813,7 @@ size = 0x1000
         assert!(matches!(
             s.timeline[1].action,
             Action::MemslotAdd {
-                hpa: 0x7f00_0000_0000,
+                hpa: Hpa(0x7f00_0000_0000),
                 ..
             }
         ));
@@ -680,5 +825,6 @@ size = 0x1000
             s.timeline[3].action,
             Action::Dma { size: 0x2000, .. }
         ));
+        s.validate().unwrap();
     }
 }

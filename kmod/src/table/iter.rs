@@ -8,15 +8,16 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::decision::addr::{Gfn, Hpa, Level};
 use crate::decision::format::PteFormat;
-use crate::table::page_alloc::{PageAllocator, PhysAddr};
+use crate::table::page_alloc::PageAllocator;
 
 /// Where the walk stands: the entry covering `gfn` at `level`.
 #[derive(Debug, Clone, Copy)]
 pub struct IterPos<'a> {
     /// First guest frame the entry covers.
-    pub gfn: u64,
-    pub level: u8,
+    pub gfn: Gfn,
+    pub level: Level,
     pub sptep: &'a AtomicU64,
     /// The entry's value when the walk reached it.
     pub old: u64,
@@ -24,8 +25,8 @@ pub struct IterPos<'a> {
 
 impl IterPos<'_> {
     /// One past the last guest frame the entry covers.
-    pub fn end_gfn(&self) -> u64 {
-        self.gfn + PteFormat::frames(self.level)
+    pub fn end_gfn(&self) -> Gfn {
+        self.gfn + self.level.frames()
     }
 }
 
@@ -35,13 +36,13 @@ impl IterPos<'_> {
 pub struct TdpIter<'a, A: PageAllocator> {
     alloc: &'a A,
     format: PteFormat,
-    min_level: u8,
-    start: u64,
-    end: u64,
+    min_level: Level,
+    start: Gfn,
+    end: Gfn,
     /// The table being walked at each level (index = level).
-    tables: [PhysAddr; 6],
-    gfn: u64,
-    level: u8,
+    tables: [Hpa; 6],
+    gfn: Gfn,
+    level: Level,
     current: Option<&'a AtomicU64>,
     skip_children: bool,
     started: bool,
@@ -52,23 +53,23 @@ impl<'a, A: PageAllocator> TdpIter<'a, A> {
     pub fn new(
         alloc: &'a A,
         format: PteFormat,
-        root: PhysAddr,
-        min_level: u8,
-        start: u64,
-        end: u64,
+        root: Hpa,
+        min_level: Level,
+        start: Gfn,
+        end: Gfn,
     ) -> Self {
         let level = format.levels;
-        let mut tables = [0; 6];
-        tables[level as usize] = root;
+        let mut tables = [Hpa(0); 6];
+        tables[level.get() as usize] = root;
         let end = end.min(format.gfn_limit());
         Self {
             alloc,
             format,
-            min_level: min_level.max(1),
+            min_level,
             start,
             end,
             tables,
-            gfn: start & !(PteFormat::frames(level) - 1),
+            gfn: start.align_down(level),
             level,
             current: None,
             skip_children: false,
@@ -83,8 +84,8 @@ impl<'a, A: PageAllocator> TdpIter<'a, A> {
     }
 
     fn sptep(&self) -> Option<&'a AtomicU64> {
-        let table = self.alloc.table(self.tables[self.level as usize])?;
-        Some(&table[PteFormat::index(self.gfn, self.level)])
+        let table = self.alloc.table(self.tables[self.level.get() as usize])?;
+        Some(&table[self.level.index(self.gfn)])
     }
 
     fn try_step_down(&mut self) -> bool {
@@ -99,20 +100,23 @@ impl<'a, A: PageAllocator> TdpIter<'a, A> {
             return false;
         }
         let child = self.format.addr(e);
+        let Some(below) = self.level.down() else {
+            return false;
+        };
         if self.alloc.table(child).is_none() {
             return false;
         }
-        self.level -= 1;
-        self.tables[self.level as usize] = child;
-        self.gfn = self.gfn.max(self.start) & !(PteFormat::frames(self.level) - 1);
+        self.level = below;
+        self.tables[below.get() as usize] = child;
+        self.gfn = self.gfn.max(self.start).align_down(below);
         true
     }
 
     fn try_step_side(&mut self) -> bool {
-        if PteFormat::index(self.gfn, self.level) == 511 {
+        if self.level.index(self.gfn) == 511 {
             return false;
         }
-        self.gfn += PteFormat::frames(self.level);
+        self.gfn = self.gfn + self.level.frames();
         true
     }
 
@@ -120,8 +124,11 @@ impl<'a, A: PageAllocator> TdpIter<'a, A> {
         if self.level == self.format.levels {
             return false;
         }
-        self.level += 1;
-        self.gfn &= !(PteFormat::frames(self.level) - 1);
+        let Some(above) = self.level.up() else {
+            return false;
+        };
+        self.level = above;
+        self.gfn = self.gfn.align_down(above);
         true
     }
 

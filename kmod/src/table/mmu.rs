@@ -25,11 +25,14 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::Ordering;
 
+use crate::decision::addr::{ENTRIES_PER_TABLE, Gfn, Hpa, Level};
 use crate::decision::format::{LeafAttrs, Perms, PteFormat};
 use crate::event::clock::Clock;
-use crate::event::{Event, EventKind, GpaRange, Root as RootEvent, RootCause, Source, VmId};
+use crate::event::{
+    Event, EventKind, EventSink, GpaRange, Root as RootEvent, RootCause, Source, SpteFlags, VmId,
+};
 use crate::table::iter::{IterPos, TdpIter};
-use crate::table::page_alloc::{PageAllocator, PhysAddr};
+use crate::table::page_alloc::PageAllocator;
 
 /// Names a root of this MMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,39 +47,39 @@ pub enum MmuError {
     Unaligned {
         what: &'static str,
         value: u64,
-        level: u8,
+        level: Level,
     },
     /// The level is not one leaves may use here.
     BadLevel {
-        level: u8,
-        max: u8,
+        level: Level,
+        max: Level,
     },
     /// The range lies beyond what the format translates.
     OutOfRange {
-        gfn: u64,
+        gfn: Gfn,
     },
     /// A pinned leaf would be zapped.
     PinnedZap {
-        gfn: u64,
+        gfn: Gfn,
     },
     /// A pinned leaf would be pointed at another frame or given other attributes.
     PinnedRepoint {
-        gfn: u64,
+        gfn: Gfn,
     },
     /// A leaf of another size is in the way (split or zap first).
     Occupied {
-        gfn: u64,
-        level: u8,
+        gfn: Gfn,
+        level: Level,
     },
     /// No huge leaf of that level at that address.
     NotHuge {
-        gfn: u64,
-        level: u8,
+        gfn: Gfn,
+        level: Level,
     },
     /// The table cannot become one huge leaf.
     NotCollapsible {
-        gfn: u64,
-        level: u8,
+        gfn: Gfn,
+        level: Level,
         why: &'static str,
     },
 }
@@ -89,32 +92,32 @@ impl fmt::Display for MmuError {
             MmuError::Unaligned { what, value, level } => write!(
                 f,
                 "{what} {value:#x} is not aligned to the {} KiB pages of level {level}",
-                PteFormat::level_size(*level) / 1024
+                level.size() / 1024
             ),
             MmuError::BadLevel { level, max } => {
                 write!(f, "level {level} is not allowed for leaves (max {max})")
             }
             MmuError::OutOfRange { gfn } => {
-                write!(f, "gfn {gfn:#x} is beyond the table's reach")
+                write!(f, "gfn {gfn} is beyond the table's reach")
             }
             MmuError::PinnedZap { gfn } => {
-                write!(f, "gfn {gfn:#x} is pinned for DMA and cannot be zapped")
+                write!(f, "gfn {gfn} is pinned for DMA and cannot be zapped")
             }
             MmuError::PinnedRepoint { gfn } => write!(
                 f,
-                "gfn {gfn:#x} is pinned for DMA and cannot be pointed at another frame"
+                "gfn {gfn} is pinned for DMA and cannot be pointed at another frame"
             ),
             MmuError::Occupied { gfn, level } => write!(
                 f,
-                "gfn {gfn:#x}: a mapping of another size is in the way at level {level}"
+                "gfn {gfn}: a mapping of another size is in the way at level {level}"
             ),
             MmuError::NotHuge { gfn, level } => {
-                write!(f, "gfn {gfn:#x}: no huge leaf at level {level}")
+                write!(f, "gfn {gfn}: no huge leaf at level {level}")
             }
             MmuError::NotCollapsible { gfn, level, why } => {
                 write!(
                     f,
-                    "gfn {gfn:#x}: cannot collapse into a level-{level} leaf: {why}"
+                    "gfn {gfn}: cannot collapse into a level-{level} leaf: {why}"
                 )
             }
         }
@@ -128,7 +131,7 @@ impl std::error::Error for MmuError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RootInfo {
     pub id: RootId,
-    pub pa: PhysAddr,
+    pub pa: Hpa,
     /// Serves the SMM address space.
     pub smm: bool,
 }
@@ -157,22 +160,34 @@ impl Outcome {
 /// A request to map guest frames `[gfn, gfn + frames)` to host `hpa..` with leaves of `level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mapping {
-    pub gfn: u64,
+    pub gfn: Gfn,
     pub frames: u64,
-    pub hpa: u64,
-    pub level: u8,
+    pub hpa: Hpa,
+    pub level: Level,
     pub perms: Perms,
     pub attrs: LeafAttrs,
+}
+
+impl Mapping {
+    /// Where frame `gfn` of the mapping goes.
+    pub fn hpa_of(&self, gfn: Gfn) -> Hpa {
+        self.hpa.offset_frames(gfn - self.gfn)
+    }
+
+    /// One past the last frame.
+    pub fn end(&self) -> Gfn {
+        self.gfn + self.frames
+    }
 }
 
 /// A mapping as a software walk finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf {
     /// First guest frame of the leaf.
-    pub gfn: u64,
-    pub level: u8,
+    pub gfn: Gfn,
+    pub level: Level,
     /// Host physical address of the leaf's first byte.
-    pub hpa: u64,
+    pub hpa: Hpa,
     pub perms: Perms,
     pub attrs: LeafAttrs,
 }
@@ -189,8 +204,8 @@ pub struct Census {
 /// A structural defect found by [`TdpMmu::check_well_formed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Malformed {
-    pub gfn: u64,
-    pub level: u8,
+    pub gfn: Gfn,
+    pub level: Level,
     pub entry: u64,
     pub why: &'static str,
 }
@@ -199,7 +214,7 @@ impl fmt::Display for Malformed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "entry {:#x} at gfn {:#x} level {}: {}",
+            "entry {:#x} at gfn {} level {}: {}",
             self.entry, self.gfn, self.level, self.why
         )
     }
@@ -210,7 +225,7 @@ pub struct TdpMmu<A: PageAllocator, S, C> {
     alloc: A,
     format: PteFormat,
     /// Largest level leaves may use (negotiated with the IOMMU when shared).
-    max_leaf_level: u8,
+    max_leaf_level: Level,
     sink: S,
     clock: C,
     vm: VmId,
@@ -231,14 +246,14 @@ impl<A: PageAllocator, S, C> fmt::Debug for TdpMmu<A, S, C> {
     }
 }
 
-fn check_aligned(what: &'static str, value: u64, level: u8) -> Result<(), MmuError> {
-    if value & (PteFormat::frames(level) - 1) != 0 {
+fn check_aligned(what: &'static str, value: u64, level: Level) -> Result<(), MmuError> {
+    if value & (level.frames() - 1) != 0 {
         return Err(MmuError::Unaligned { what, value, level });
     }
     Ok(())
 }
 
-impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
+impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn new(alloc: A, format: PteFormat, sink: S, clock: C, vm: VmId) -> Self {
         Self {
             alloc,
@@ -261,11 +276,11 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     /// Limit leaves to `level` (the negotiated maximum when the table is shared).
-    pub fn set_max_leaf_level(&mut self, level: u8) {
-        self.max_leaf_level = level.clamp(1, self.format.max_huge_level);
+    pub fn set_max_leaf_level(&mut self, level: Level) {
+        self.max_leaf_level = level.min(self.format.max_huge_level);
     }
 
-    pub fn max_leaf_level(&self) -> u8 {
+    pub fn max_leaf_level(&self) -> Level {
         self.max_leaf_level
     }
 
@@ -306,12 +321,16 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         self.sink.emit(event);
     }
 
-    fn trace_spte(&mut self, gfn: u64, level: u8, old: u64, new: u64) {
+    fn trace_spte(&mut self, gfn: Gfn, level: Level, old: u64, new: u64) {
         if self.trace_sptes {
-            let (old, new) = (self.format.flags(old, level), self.format.flags(new, level));
+            let f = &self.format;
+            let (old, new) = (
+                SpteFlags::of_entry(f, old, level),
+                SpteFlags::of_entry(f, new, level),
+            );
             self.emit(EventKind::SpteSet {
                 gfn,
-                level,
+                level: level.get(),
                 old,
                 new,
             });
@@ -321,7 +340,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     fn root_event(&self, info: RootInfo, cause: RootCause) -> RootEvent {
         RootEvent {
             root: info.id.0,
-            level: self.format.levels,
+            level: self.format.levels.get(),
             smm: info.smm,
             cause,
         }
@@ -356,7 +375,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     /// Retires the table at `pa` (at `level`) and every table below it, counting its leaves.
-    fn free_subtree(&self, pa: PhysAddr, level: u8, out: &mut Outcome) {
+    fn free_subtree(&self, pa: Hpa, level: Level, out: &mut Outcome) {
         if let Some(table) = self.alloc.table(pa) {
             for sptep in table {
                 let e = sptep.load(Ordering::Acquire);
@@ -366,8 +385,8 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
                 if self.format.is_leaf(e, level) {
                     out.entries += 1;
                     out.flush_needed = true;
-                } else {
-                    self.free_subtree(self.format.addr(e), level - 1, out);
+                } else if let Some(below) = level.down() {
+                    self.free_subtree(self.format.addr(e), below, out);
                 }
             }
         }
@@ -375,13 +394,13 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         out.tables_freed += 1;
     }
 
-    fn walk(&self, root: PhysAddr, min_level: u8, start: u64, end: u64) -> TdpIter<'_, A> {
+    fn walk(&self, root: Hpa, min_level: Level, start: Gfn, end: Gfn) -> TdpIter<'_, A> {
         TdpIter::new(&self.alloc, self.format, root, min_level, start, end)
     }
 
-    fn check_range(&self, gfn: u64, frames: u64) -> Result<u64, MmuError> {
+    fn check_range(&self, gfn: Gfn, frames: u64) -> Result<Gfn, MmuError> {
         let end = gfn
-            .checked_add(frames)
+            .checked_offset(frames)
             .ok_or(MmuError::OutOfRange { gfn })?;
         if end > self.format.gfn_limit() {
             return Err(MmuError::OutOfRange { gfn });
@@ -390,7 +409,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     /// Does the subtree under a table entry hold any present leaf?
-    fn subtree_has_leaves(&self, pa: PhysAddr, level: u8) -> bool {
+    fn subtree_has_leaves(&self, pa: Hpa, level: Level) -> bool {
         let Some(table) = self.alloc.table(pa) else {
             return false;
         };
@@ -398,7 +417,9 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             let e = sptep.load(Ordering::Acquire);
             self.format.is_present(e)
                 && (self.format.is_leaf(e, level)
-                    || self.subtree_has_leaves(self.format.addr(e), level - 1))
+                    || level
+                        .down()
+                        .is_some_and(|below| self.subtree_has_leaves(self.format.addr(e), below)))
         })
     }
 
@@ -416,28 +437,25 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             perms,
             attrs,
         } = *mapping;
-        if level == 0 || level > self.max_leaf_level {
+        if level > self.max_leaf_level {
             return Err(MmuError::BadLevel {
                 level,
                 max: self.max_leaf_level,
             });
         }
-        check_aligned("gfn", gfn, level)?;
+        check_aligned("gfn", gfn.0, level)?;
         check_aligned("length", frames, level)?;
-        check_aligned("hpa frame", hpa >> 12, level)?;
-        if hpa & 0xfff != 0 || hpa & !self.format.addr_mask != 0 {
+        check_aligned("hpa frame", hpa.pfn(), level)?;
+        if hpa.page_offset() != 0 || !self.format.can_address(hpa) {
             return Err(MmuError::Unaligned {
                 what: "hpa",
-                value: hpa,
+                value: hpa.0,
                 level,
             });
         }
         let end = self.check_range(gfn, frames)?;
         let root_pa = self.root(root)?.pa;
-        let leaf_at = |g: u64| {
-            self.format
-                .leaf(hpa + ((g - gfn) << 12), level, perms, attrs)
-        };
+        let leaf_at = |g: Gfn| self.format.leaf(mapping.hpa_of(g), level, perms, attrs);
 
         // Check the whole request before changing anything.
         for pos in self.walk(root_pa, level, gfn, end) {
@@ -453,7 +471,8 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             }
             if pos.level == level {
                 if !leaf {
-                    if self.subtree_has_leaves(self.format.addr(pos.old), level - 1) {
+                    let below = level.down().unwrap_or(level);
+                    if self.subtree_has_leaves(self.format.addr(pos.old), below) {
                         return Err(MmuError::Occupied {
                             gfn: pos.gfn,
                             level: pos.level,
@@ -473,19 +492,31 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
                 if self.format.is_present(pos.old) {
                     continue; // a table: the walk steps into it
                 }
-                let child = self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
-                out.tables_allocated += 1;
-                let table = self.alloc.table(child).ok_or(MmuError::OutOfMemory)?;
-                let span = PteFormat::frames(pos.level);
-                if pos.level == level + 1 && pos.gfn >= gfn && pos.gfn + span <= end {
-                    // The child is covered whole: build it complete, link it once, skip it.
-                    let step = PteFormat::frames(level);
-                    for (i, sptep) in table.iter().enumerate() {
-                        sptep.store(leaf_at(pos.gfn + i as u64 * step), Ordering::Relaxed);
+                let covered =
+                    pos.level.down() == Some(level) && pos.gfn >= gfn && pos.end_gfn() <= end;
+                let child = if covered {
+                    // Covered whole: build it complete (no need to zero a page every entry of
+                    // which is written), link it once, skip it. The address field is linear in
+                    // the entry, so the leaves are the first one plus multiples of the step.
+                    let child = self
+                        .alloc
+                        .alloc_table_to_fill()
+                        .ok_or(MmuError::OutOfMemory)?;
+                    let table = self.alloc.table(child).ok_or(MmuError::OutOfMemory)?;
+                    let first = leaf_at(pos.gfn);
+                    let step = level.size();
+                    let mut e = first;
+                    for sptep in table.iter() {
+                        sptep.store(e, Ordering::Relaxed);
+                        e = e.wrapping_add(step);
                     }
-                    out.entries += 512;
+                    out.entries += ENTRIES_PER_TABLE as u64;
                     iter.skip_children();
-                }
+                    child
+                } else {
+                    self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?
+                };
+                out.tables_allocated += 1;
                 // Release: the child's entries are visible before the link.
                 pos.sptep.store(self.format.table(child), Ordering::Release);
                 continue;
@@ -494,7 +525,9 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             if self.format.is_present(pos.old) && !self.format.is_leaf(pos.old, pos.level) {
                 // An empty table where the huge leaf goes (checked above): replace it.
                 self.set_present(pos, new, &mut out);
-                self.free_subtree(self.format.addr(pos.old), pos.level - 1, &mut out);
+                if let Some(below) = pos.level.down() {
+                    self.free_subtree(self.format.addr(pos.old), below, &mut out);
+                }
                 out.entries += 1;
                 continue;
             }
@@ -520,7 +553,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     /// Replaces present entry `pos` by `new` with compare-and-swap, keeping A/D bits hardware
     /// set meanwhile. Returns the value replaced.
     fn set_present(&self, pos: IterPos<'_>, new: u64, out: &mut Outcome) -> u64 {
-        let ad = self.format.accessed | self.format.dirty;
+        let ad = self.format.ad_bits();
         let mut old = pos.old;
         loop {
             // Carry over A/D set by hardware since we read the entry, when the frame stays.
@@ -546,7 +579,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn zap(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
         tables: bool,
     ) -> Result<Outcome, MmuError> {
@@ -558,7 +591,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn zap_released(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
         tables: bool,
     ) -> Result<Outcome, MmuError> {
@@ -568,14 +601,14 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     fn zap_range(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
         tables: bool,
         released: bool,
     ) -> Result<Outcome, MmuError> {
         let end = self.check_range(gfn, frames)?;
         let root_pa = self.root(root)?.pa;
-        for pos in self.walk(root_pa, 1, gfn, end) {
+        for pos in self.walk(root_pa, Level::L1, gfn, end) {
             if !released
                 && self.format.is_present(pos.old)
                 && self.format.is_leaf(pos.old, pos.level)
@@ -588,7 +621,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         }
         let mut out = Outcome::default();
         let mut traces = Vec::new();
-        let mut iter = self.walk(root_pa, 1, gfn, end);
+        let mut iter = self.walk(root_pa, Level::L1, gfn, end);
         while let Some(pos) = iter.next() {
             if !self.format.is_present(pos.old) {
                 continue;
@@ -605,7 +638,9 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             } else if tables && inside {
                 pos.sptep.store(0, Ordering::Release);
                 iter.skip_children();
-                self.free_subtree(self.format.addr(pos.old), pos.level - 1, &mut out);
+                if let Some(below) = pos.level.down() {
+                    self.free_subtree(self.format.addr(pos.old), below, &mut out);
+                }
                 out.flush_needed = true;
             }
         }
@@ -613,7 +648,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             self.trace_spte(g, l, old, 0);
         }
         self.emit(EventKind::Zap {
-            range: GpaRange::new(gfn << 12, frames << 12),
+            range: GpaRange::of_frames(gfn, frames),
             tables,
             entries: out.entries,
         });
@@ -625,7 +660,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn set_perms(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
         perms: Perms,
     ) -> Result<Outcome, MmuError> {
@@ -637,7 +672,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn write_protect(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
     ) -> Result<Outcome, MmuError> {
         self.change_leaves(root, gfn, frames, |f, e| {
@@ -650,7 +685,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn set_pinned(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
         pinned: bool,
     ) -> Result<Outcome, MmuError> {
@@ -668,7 +703,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     pub fn clear_dirty(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
     ) -> Result<(Outcome, u64), MmuError> {
         let dirty = self.format.dirty;
@@ -676,13 +711,13 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         let root_pa = self.root(root)?.pa;
         let mut out = Outcome::default();
         let mut dirty_frames = 0;
-        for pos in self.walk(root_pa, 1, gfn, end) {
+        for pos in self.walk(root_pa, Level::L1, gfn, end) {
             if self.format.is_present(pos.old) && self.format.is_leaf(pos.old, pos.level) {
                 let old = pos.sptep.fetch_and(!dirty, Ordering::AcqRel);
                 if old & dirty != 0 {
                     out.entries += 1;
                     out.flush_needed = true;
-                    dirty_frames += PteFormat::frames(pos.level);
+                    dirty_frames += pos.level.frames();
                 }
             }
         }
@@ -692,7 +727,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     fn change_leaves(
         &mut self,
         root: RootId,
-        gfn: u64,
+        gfn: Gfn,
         frames: u64,
         change: impl Fn(&PteFormat, u64) -> u64,
     ) -> Result<Outcome, MmuError> {
@@ -700,11 +735,11 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         let root_pa = self.root(root)?.pa;
         let mut out = Outcome::default();
         let mut traces = Vec::new();
-        for pos in self.walk(root_pa, 1, gfn, end) {
+        let ad = self.format.ad_bits();
+        for pos in self.walk(root_pa, Level::L1, gfn, end) {
             if !self.format.is_present(pos.old) || !self.format.is_leaf(pos.old, pos.level) {
                 continue;
             }
-            let ad = self.format.accessed | self.format.dirty;
             let new = change(&self.format, pos.old);
             if new & !ad == pos.old & !ad {
                 continue;
@@ -733,7 +768,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     /// The entry at `level` covering `gfn`.
-    fn entry_at(&self, root_pa: PhysAddr, gfn: u64, level: u8) -> Option<IterPos<'_>> {
+    fn entry_at(&self, root_pa: Hpa, gfn: Gfn, level: Level) -> Option<IterPos<'_>> {
         self.walk(root_pa, level, gfn, gfn + 1)
             .find(|p| p.level == level)
     }
@@ -741,32 +776,36 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     /// Splits the huge leaf of `level` covering `gfn` into a table of leaves one level down.
     /// The child table is built complete, then installed with one compare-and-swap: a walker
     /// sees either the huge leaf or the full table, never a hole.
-    pub fn split(&mut self, root: RootId, gfn: u64, level: u8) -> Result<Outcome, MmuError> {
-        if !(2..=3).contains(&level) {
-            return Err(MmuError::NotHuge { gfn, level });
-        }
+    pub fn split(&mut self, root: RootId, gfn: Gfn, level: Level) -> Result<Outcome, MmuError> {
+        let small = match level.down() {
+            Some(small) if level <= Level::L3 => small,
+            _ => return Err(MmuError::NotHuge { gfn, level }),
+        };
         self.check_range(gfn, 1)?;
         let root_pa = self.root(root)?.pa;
         let pos = self
             .entry_at(root_pa, gfn, level)
             .filter(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, level))
             .ok_or(MmuError::NotHuge { gfn, level })?;
-        let child = self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let child = self
+            .alloc
+            .alloc_table_to_fill()
+            .ok_or(MmuError::OutOfMemory)?;
         let table = self.alloc.table(child).ok_or(MmuError::OutOfMemory)?;
-        let small = level - 1;
-        let step = PteFormat::level_size(small);
-        let ad = self.format.accessed | self.format.dirty;
+        let step = small.size();
+        let ad = self.format.ad_bits();
         let mut old = pos.old;
         loop {
-            let base = self.format.addr(old);
-            let perms = self.format.perms(old);
-            let attrs = self.format.attrs(old);
-            for (i, sptep) in table.iter().enumerate() {
-                let e = self
-                    .format
-                    .leaf(base + i as u64 * step, small, perms, attrs)
-                    | (old & ad);
+            let first = self.format.leaf(
+                self.format.addr(old),
+                small,
+                self.format.perms(old),
+                self.format.attrs(old),
+            ) | (old & ad);
+            let mut e = first;
+            for sptep in table.iter() {
                 sptep.store(e, Ordering::Relaxed);
+                e = e.wrapping_add(step);
             }
             match pos.sptep.compare_exchange(
                 old,
@@ -779,7 +818,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
             }
         }
         let out = Outcome {
-            entries: 512,
+            entries: ENTRIES_PER_TABLE as u64,
             tables_allocated: 1,
             tables_freed: 0,
             flush_needed: true,
@@ -788,7 +827,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         self.trace_spte(split_gfn, level, old, table_entry);
         self.emit(EventKind::HugePageSplit {
             gfn: split_gfn,
-            level,
+            level: level.get(),
         });
         Ok(out)
     }
@@ -797,14 +836,17 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
     /// leaves mapping one naturally aligned, contiguous host range with the same rights and
     /// attributes. The huge leaf is installed with one compare-and-swap; A/D bits hardware set
     /// in the children up to the switch are folded into it.
-    pub fn collapse(&mut self, root: RootId, gfn: u64, level: u8) -> Result<Outcome, MmuError> {
+    pub fn collapse(&mut self, root: RootId, gfn: Gfn, level: Level) -> Result<Outcome, MmuError> {
         let not = |why| MmuError::NotCollapsible { gfn, level, why };
-        if !(2..=3).contains(&level) || level > self.max_leaf_level {
-            return Err(MmuError::BadLevel {
-                level,
-                max: self.max_leaf_level,
-            });
-        }
+        let small = match level.down() {
+            Some(small) if level <= self.max_leaf_level => small,
+            _ => {
+                return Err(MmuError::BadLevel {
+                    level,
+                    max: self.max_leaf_level,
+                });
+            }
+        };
         self.check_range(gfn, 1)?;
         let root_pa = self.root(root)?.pa;
         let pos = self
@@ -815,29 +857,30 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         }
         let child = self.format.addr(pos.old);
         let table = self.alloc.table(child).ok_or(not("no table there"))?;
-        let small = level - 1;
-        let ad = self.format.accessed | self.format.dirty;
+        let ad = self.format.ad_bits();
         let first = table[0].load(Ordering::Acquire);
         if !self.format.is_present(first) || !self.format.is_leaf(first, small) {
             return Err(not("an entry is not a present leaf"));
         }
         let base = self.format.addr(first);
-        if base & (PteFormat::level_size(level) - 1) != 0 {
+        if !base.is_aligned(level.size()) {
             return Err(not("the frames are not aligned to the huge page"));
         }
         let mut folded_ad = 0;
-        for (i, sptep) in table.iter().enumerate() {
+        let mut want = base;
+        for sptep in table.iter() {
             let e = sptep.load(Ordering::Acquire);
             if !self.format.is_present(e) || !self.format.is_leaf(e, small) {
                 return Err(not("an entry is not a present leaf"));
             }
-            if self.format.addr(e) != base + i as u64 * PteFormat::level_size(small) {
+            if self.format.addr(e) != want {
                 return Err(not("the frames are not contiguous"));
             }
             if (e & !ad & !self.format.addr_mask) != (first & !ad & !self.format.addr_mask) {
                 return Err(not("the entries differ in rights or attributes"));
             }
             folded_ad |= e & ad;
+            want = want + small.size();
         }
         let perms = self.format.perms(first);
         let attrs = self.format.attrs(first);
@@ -868,7 +911,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         self.trace_spte(huge_gfn, level, old, huge);
         self.emit(EventKind::HugePageCollapse {
             gfn: huge_gfn,
-            level,
+            level: level.get(),
         });
         Ok(Outcome {
             entries: 1,
@@ -878,35 +921,33 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         })
     }
 
+    fn leaf_of(&self, p: &IterPos<'_>) -> Leaf {
+        Leaf {
+            gfn: p.gfn,
+            level: p.level,
+            hpa: self.format.addr(p.old),
+            perms: self.format.perms(p.old),
+            attrs: self.format.attrs(p.old),
+        }
+    }
+
     /// The leaf translating `gfn`, by a software walk.
-    pub fn lookup(&self, root: RootId, gfn: u64) -> Result<Option<Leaf>, MmuError> {
+    pub fn lookup(&self, root: RootId, gfn: Gfn) -> Result<Option<Leaf>, MmuError> {
         self.check_range(gfn, 1)?;
         let root_pa = self.root(root)?.pa;
         Ok(self
-            .walk(root_pa, 1, gfn, gfn + 1)
+            .walk(root_pa, Level::L1, gfn, gfn + 1)
             .find(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, p.level))
-            .map(|p| Leaf {
-                gfn: p.gfn,
-                level: p.level,
-                hpa: self.format.addr(p.old),
-                perms: self.format.perms(p.old),
-                attrs: self.format.attrs(p.old),
-            }))
+            .map(|p| self.leaf_of(&p)))
     }
 
     /// Every leaf of a root, in guest address order.
     pub fn leaves(&self, root: RootId) -> Result<Vec<Leaf>, MmuError> {
         let root_pa = self.root(root)?.pa;
         Ok(self
-            .walk(root_pa, 1, 0, self.format.gfn_limit())
+            .walk(root_pa, Level::L1, Gfn(0), self.format.gfn_limit())
             .filter(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, p.level))
-            .map(|p| Leaf {
-                gfn: p.gfn,
-                level: p.level,
-                hpa: self.format.addr(p.old),
-                perms: self.format.perms(p.old),
-                attrs: self.format.attrs(p.old),
-            })
+            .map(|p| self.leaf_of(&p))
             .collect())
     }
 
@@ -917,7 +958,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         let root_pa = self
             .root(root)
             .map_err(|_| Malformed {
-                gfn: 0,
+                gfn: Gfn(0),
                 level: self.format.levels,
                 entry: 0,
                 why: "no such root",
@@ -929,7 +970,7 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
         };
         let mut seen = alloc::collections::BTreeSet::new();
         seen.insert(root_pa);
-        for pos in self.walk(root_pa, 1, 0, self.format.gfn_limit()) {
+        for pos in self.walk(root_pa, Level::L1, Gfn(0), self.format.gfn_limit()) {
             let e = pos.old;
             let bad = |why| Malformed {
                 gfn: pos.gfn,
@@ -950,10 +991,10 @@ impl<A: PageAllocator, S: crate::event::EventSink, C: Clock> TdpMmu<A, S, C> {
                 if pos.level > self.max_leaf_level {
                     return Err(bad("leaf above the allowed level"));
                 }
-                if self.format.addr(e) & (PteFormat::level_size(pos.level) - 1) != 0 {
+                if !self.format.addr(e).is_aligned(pos.level.size()) {
                     return Err(bad("huge leaf frame not aligned"));
                 }
-                census.leaves[pos.level as usize - 1] += 1;
+                census.leaves[pos.level.get() as usize - 1] += 1;
             } else {
                 let child = self.format.addr(e);
                 if self.alloc.table(child).is_none() {
@@ -1000,10 +1041,10 @@ mod tests {
             .map(
                 r,
                 &Mapping {
-                    gfn: 0,
+                    gfn: Gfn(0),
                     frames: 1024,
-                    hpa: G,
-                    level: 1,
+                    hpa: Hpa(G),
+                    level: Level::L1,
                     perms: Perms::RW,
                     attrs: WB,
                 },
@@ -1011,13 +1052,16 @@ mod tests {
             .unwrap();
         assert_eq!(out.entries, 1024);
         assert_eq!(out.tables_allocated, 4); // PDPT, PD, two PTs
-        let leaf = m.lookup(r, 513).unwrap().unwrap();
-        assert_eq!((leaf.gfn, leaf.level, leaf.hpa), (513, 1, G + 513 * 4096));
+        let leaf = m.lookup(r, Gfn(513)).unwrap().unwrap();
+        assert_eq!(
+            (leaf.gfn, leaf.level, leaf.hpa),
+            (Gfn(513), Level::L1, Hpa(G + 513 * 4096))
+        );
         let c = m.check_well_formed(r).unwrap();
         assert_eq!(c.tables, 5);
         assert_eq!(c.leaves, [1024, 0, 0]);
         assert_eq!(arena.pages_in_use(), 5);
-        assert!(m.lookup(r, 1024).unwrap().is_none());
+        assert!(m.lookup(r, Gfn(1024)).unwrap().is_none());
     }
 
     #[test]
@@ -1028,10 +1072,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 512,
+                gfn: Gfn(512),
                 frames: 512,
-                hpa: G,
-                level: 2,
+                hpa: Hpa(G),
+                level: Level::L2,
                 perms: Perms::RW,
                 attrs: PINNED,
             },
@@ -1040,10 +1084,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 16,
-                hpa: G + (4 << 20),
-                level: 1,
+                hpa: Hpa(G + (4 << 20)),
+                level: Level::L1,
                 perms: Perms::RW,
                 attrs: WB,
             },
@@ -1051,22 +1095,22 @@ mod tests {
         .unwrap();
         let before = m.leaves(r).unwrap();
         assert_eq!(
-            m.zap(r, 0, 1024, true),
-            Err(MmuError::PinnedZap { gfn: 512 })
+            m.zap(r, Gfn(0), 1024, true),
+            Err(MmuError::PinnedZap { gfn: Gfn(512) })
         );
         assert_eq!(
             m.map(
                 r,
                 &Mapping {
-                    gfn: 512,
+                    gfn: Gfn(512),
                     frames: 512,
-                    hpa: G + (2 << 20),
-                    level: 2,
+                    hpa: Hpa(G + (2 << 20)),
+                    level: Level::L2,
                     perms: Perms::RW,
                     attrs: PINNED
                 }
             ),
-            Err(MmuError::PinnedRepoint { gfn: 512 })
+            Err(MmuError::PinnedRepoint { gfn: Gfn(512) })
         );
         assert_eq!(
             m.leaves(r).unwrap(),
@@ -1077,19 +1121,19 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 512,
+                gfn: Gfn(512),
                 frames: 512,
-                hpa: G,
-                level: 2,
+                hpa: Hpa(G),
+                level: Level::L2,
                 perms: Perms::RW,
                 attrs: PINNED,
             },
         )
         .unwrap();
-        m.set_perms(r, 512, 1, Perms::RWX).unwrap();
-        assert_eq!(m.lookup(r, 700).unwrap().unwrap().perms, Perms::RWX);
+        m.set_perms(r, Gfn(512), 1, Perms::RWX).unwrap();
+        assert_eq!(m.lookup(r, Gfn(700)).unwrap().unwrap().perms, Perms::RWX);
         // The unpinned range goes.
-        assert_eq!(m.zap(r, 0, 512, true).unwrap().entries, 16);
+        assert_eq!(m.zap(r, Gfn(0), 512, true).unwrap().entries, 16);
     }
 
     #[test]
@@ -1100,23 +1144,26 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 1 << 18,
+                gfn: Gfn(1 << 18),
                 frames: 1 << 18,
-                hpa: G,
-                level: 3,
+                hpa: Hpa(G),
+                level: Level::L3,
                 perms: Perms::RW,
                 attrs: PINNED,
             },
         )
         .unwrap();
         let huge = m.leaves(r).unwrap();
-        m.split(r, (1 << 18) + 5, 3).unwrap();
+        m.split(r, Gfn((1 << 18) + 5), Level::L3).unwrap();
         assert_eq!(m.check_well_formed(r).unwrap().leaves, [0, 512, 0]);
-        m.split(r, (1 << 18) + 5, 2).unwrap();
-        let l = m.lookup(r, (1 << 18) + 5).unwrap().unwrap();
-        assert_eq!((l.level, l.hpa, l.attrs.pinned), (1, G + 5 * 4096, true));
-        m.collapse(r, 1 << 18, 2).unwrap();
-        m.collapse(r, 1 << 18, 3).unwrap();
+        m.split(r, Gfn((1 << 18) + 5), Level::L2).unwrap();
+        let l = m.lookup(r, Gfn((1 << 18) + 5)).unwrap().unwrap();
+        assert_eq!(
+            (l.level, l.hpa, l.attrs.pinned),
+            (Level::L1, Hpa(G + 5 * 4096), true)
+        );
+        m.collapse(r, Gfn(1 << 18), Level::L2).unwrap();
+        m.collapse(r, Gfn(1 << 18), Level::L3).unwrap();
         assert_eq!(m.leaves(r).unwrap(), huge);
         let kinds: Vec<_> = m.sink().iter().map(|e| e.kind.name()).collect();
         assert_eq!(
@@ -1141,25 +1188,25 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 512,
-                hpa: G,
-                level: 1,
+                hpa: Hpa(G),
+                level: Level::L1,
                 perms: Perms::RW,
                 attrs: WB,
             },
         )
         .unwrap();
-        m.set_perms(r, 3, 1, Perms::R).unwrap();
-        let err = m.collapse(r, 0, 2).unwrap_err();
+        m.set_perms(r, Gfn(3), 1, Perms::R).unwrap();
+        let err = m.collapse(r, Gfn(0), Level::L2).unwrap_err();
         assert_eq!(
             err.to_string(),
             "gfn 0x0: cannot collapse into a level-2 leaf: the entries differ in rights or attributes"
         );
-        m.set_perms(r, 3, 1, Perms::RW).unwrap();
-        m.zap(r, 7, 1, false).unwrap();
+        m.set_perms(r, Gfn(3), 1, Perms::RW).unwrap();
+        m.zap(r, Gfn(7), 1, false).unwrap();
         assert!(matches!(
-            m.collapse(r, 0, 2),
+            m.collapse(r, Gfn(0), Level::L2),
             Err(MmuError::NotCollapsible { .. })
         ));
     }
@@ -1172,10 +1219,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 4,
-                hpa: G,
-                level: 1,
+                hpa: Hpa(G),
+                level: Level::L1,
                 perms: Perms::RW,
                 attrs: WB,
             },
@@ -1185,24 +1232,27 @@ mod tests {
             m.map(
                 r,
                 &Mapping {
-                    gfn: 0,
+                    gfn: Gfn(0),
                     frames: 512,
-                    hpa: G,
-                    level: 2,
+                    hpa: Hpa(G),
+                    level: Level::L2,
                     perms: Perms::RW,
                     attrs: WB
                 }
             ),
-            Err(MmuError::Occupied { gfn: 0, level: 2 })
+            Err(MmuError::Occupied {
+                gfn: Gfn(0),
+                level: Level::L2
+            })
         );
-        m.zap(r, 0, 4, false).unwrap();
+        m.zap(r, Gfn(0), 4, false).unwrap();
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 512,
-                hpa: G,
-                level: 2,
+                hpa: Hpa(G),
+                level: Level::L2,
                 perms: Perms::RW,
                 attrs: WB,
             },
@@ -1221,10 +1271,10 @@ mod tests {
             m.map(
                 r,
                 &Mapping {
-                    gfn: 1,
+                    gfn: Gfn(1),
                     frames: 512,
-                    hpa: G,
-                    level: 2,
+                    hpa: Hpa(G),
+                    level: Level::L2,
                     perms: Perms::RW,
                     attrs: WB
                 }
@@ -1233,41 +1283,47 @@ mod tests {
             .to_string(),
             "gfn 0x1 is not aligned to the 2048 KiB pages of level 2"
         );
-        m.set_max_leaf_level(2);
+        m.set_max_leaf_level(Level::L2);
         assert_eq!(
             m.map(
                 r,
                 &Mapping {
-                    gfn: 0,
+                    gfn: Gfn(0),
                     frames: 1 << 18,
-                    hpa: G,
-                    level: 3,
+                    hpa: Hpa(G),
+                    level: Level::L3,
                     perms: Perms::RW,
                     attrs: WB
                 }
             ),
-            Err(MmuError::BadLevel { level: 3, max: 2 })
+            Err(MmuError::BadLevel {
+                level: Level::L3,
+                max: Level::L2
+            })
         );
         assert_eq!(
             m.map(
                 r,
                 &Mapping {
-                    gfn: 1 << 36,
+                    gfn: Gfn(1 << 36),
                     frames: 1,
-                    hpa: G,
-                    level: 1,
+                    hpa: Hpa(G),
+                    level: Level::L1,
                     perms: Perms::RW,
                     attrs: WB
                 }
             ),
-            Err(MmuError::OutOfRange { gfn: 1 << 36 })
+            Err(MmuError::OutOfRange { gfn: Gfn(1 << 36) })
         );
         assert_eq!(
-            m.split(r, 0, 2),
-            Err(MmuError::NotHuge { gfn: 0, level: 2 })
+            m.split(r, Gfn(0), Level::L2),
+            Err(MmuError::NotHuge {
+                gfn: Gfn(0),
+                level: Level::L2
+            })
         );
         assert_eq!(
-            m.zap(RootId(99), 0, 1, false),
+            m.zap(RootId(99), Gfn(0), 1, false),
             Err(MmuError::NoRoot(RootId(99)))
         );
     }
@@ -1280,10 +1336,10 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 2048,
-                hpa: G,
-                level: 1,
+                hpa: Hpa(G),
+                level: Level::L1,
                 perms: Perms::RW,
                 attrs: PINNED,
             },
@@ -1304,22 +1360,22 @@ mod tests {
         m.map(
             r,
             &Mapping {
-                gfn: 0,
+                gfn: Gfn(0),
                 frames: 2,
-                hpa: G,
-                level: 1,
+                hpa: Hpa(G),
+                level: Level::L1,
                 perms: Perms::RW,
                 attrs: WB,
             },
         )
         .unwrap();
-        m.write_protect(r, 0, 1).unwrap();
+        m.write_protect(r, Gfn(0), 1).unwrap();
         let sets: Vec<_> = m
             .sink()
             .iter()
             .filter_map(|e| match e.kind {
                 EventKind::SpteSet { gfn, old, new, .. } => {
-                    Some((gfn, old.to_string(), new.to_string()))
+                    Some((gfn.0, old.to_string(), new.to_string()))
                 }
                 _ => None,
             })

@@ -9,12 +9,10 @@
 
 use core::sync::atomic::AtomicU64;
 
-/// A host physical address.
-pub type PhysAddr = u64;
-pub const PAGE_SIZE: usize = 4096;
-pub const ENTRIES: usize = 512;
-/// One page-table page.
-pub type Table = [AtomicU64; ENTRIES];
+use crate::decision::addr::{ENTRIES_PER_TABLE, Hpa};
+
+/// One page-table page: 512 entries, changed only atomically (hardware walkers read them).
+pub type Table = [AtomicU64; ENTRIES_PER_TABLE];
 
 /// Where page-table pages come from. Kernel: `alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)`,
 /// `page_address`, `call_rcu`; userspace: [`Arena`].
@@ -25,15 +23,22 @@ pub trait PageAllocator: Sync {
         Self: 'a;
 
     /// A zeroed, 4 KiB-aligned page; `None` when out of memory.
-    fn alloc_table(&self) -> Option<PhysAddr>;
+    fn alloc_table(&self) -> Option<Hpa>;
+
+    /// A 4 KiB-aligned page whose entries the caller writes, all 512 of them, before anything
+    /// can see it (a table built complete before it is linked): it need not be zeroed first
+    /// (kernel: a page without `__GFP_ZERO`). `None` when out of memory.
+    fn alloc_table_to_fill(&self) -> Option<Hpa> {
+        self.alloc_table()
+    }
 
     /// Retires a page no table links to any more; it is reused only after every read-side
     /// section that began before this call has ended.
-    fn free_table(&self, pa: PhysAddr);
+    fn free_table(&self, pa: Hpa);
 
     /// The table at `pa`, or `None` when `pa` is not a page of this allocator (a walker turns
     /// that into a fault, never into a wild read).
-    fn table(&self, pa: PhysAddr) -> Option<&Table>;
+    fn table(&self, pa: Hpa) -> Option<&Table>;
 
     fn read_lock(&self) -> Self::ReadGuard<'_>;
 
@@ -47,13 +52,16 @@ impl<T: PageAllocator> PageAllocator for &T {
     where
         Self: 'a;
 
-    fn alloc_table(&self) -> Option<PhysAddr> {
+    fn alloc_table(&self) -> Option<Hpa> {
         (**self).alloc_table()
     }
-    fn free_table(&self, pa: PhysAddr) {
+    fn alloc_table_to_fill(&self) -> Option<Hpa> {
+        (**self).alloc_table_to_fill()
+    }
+    fn free_table(&self, pa: Hpa) {
         (**self).free_table(pa)
     }
-    fn table(&self, pa: PhysAddr) -> Option<&Table> {
+    fn table(&self, pa: Hpa) -> Option<&Table> {
         (**self).table(pa)
     }
     fn read_lock(&self) -> Self::ReadGuard<'_> {
@@ -77,7 +85,9 @@ mod arena {
     use std::vec::Vec;
 
     /// Fake physical base of the arena, so that no table sits at address 0.
-    const PHYS_BASE: PhysAddr = 0x10_0000_0000;
+    const PHYS_BASE: Hpa = Hpa(0x10_0000_0000);
+    /// Bytes of one page.
+    const PAGE_SIZE: usize = crate::decision::addr::PAGE_SIZE as usize;
     /// Read-side sections that can be open at once.
     const READER_SLOTS: usize = 128;
     /// Retired pages gathered before a reclaim is attempted.
@@ -159,13 +169,52 @@ mod arena {
             unsafe { self.base.as_ptr().add(index * PAGE_SIZE).cast() }
         }
 
-        fn index_of(&self, pa: PhysAddr) -> Option<usize> {
-            let off = pa.checked_sub(PHYS_BASE)?;
+        fn index_of(&self, pa: Hpa) -> Option<usize> {
+            let off = pa.0.checked_sub(PHYS_BASE.0)?;
             if off % PAGE_SIZE as u64 != 0 {
                 return None;
             }
             let index = usize::try_from(off / PAGE_SIZE as u64).ok()?;
             (index < self.next.load(Ordering::Acquire).min(self.capacity)).then_some(index)
+        }
+
+        /// A page: a reused one (zeroed when `zero`), or the next never-used one (zero already:
+        /// the reservation is zeroed memory).
+        fn alloc(&self, zero: bool) -> Option<Hpa> {
+            let reused = {
+                let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+                if free.is_empty() && self.next.load(Ordering::Relaxed) >= self.capacity {
+                    drop(free);
+                    self.reclaim();
+                    free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+                }
+                free.pop()
+            };
+            let index = match reused {
+                Some(page) => {
+                    let index = page as usize;
+                    if zero {
+                        // SAFETY: `index < capacity`; `Table` is atomics only, so a shared
+                        // reference is sound even if a (misbehaving) walker still reads it.
+                        let table = unsafe { &*self.page_ptr(index) };
+                        for e in table {
+                            e.store(0, Ordering::Relaxed);
+                        }
+                    }
+                    index
+                }
+                None => {
+                    let index = self.next.fetch_add(1, Ordering::AcqRel);
+                    if index >= self.capacity {
+                        self.next.store(self.capacity, Ordering::Release);
+                        return None;
+                    }
+                    index
+                }
+            };
+            let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+            self.peak.fetch_max(n, Ordering::Relaxed);
+            Some(PHYS_BASE.offset((index * PAGE_SIZE) as u64))
         }
 
         /// Moves retired pages no reader can still see to the free list.
@@ -213,42 +262,15 @@ mod arena {
     impl PageAllocator for Arena {
         type ReadGuard<'a> = ArenaReadGuard<'a>;
 
-        fn alloc_table(&self) -> Option<PhysAddr> {
-            let reused = {
-                let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-                if free.is_empty() && self.next.load(Ordering::Relaxed) >= self.capacity {
-                    drop(free);
-                    self.reclaim();
-                    free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-                }
-                free.pop()
-            };
-            let index = match reused {
-                Some(page) => {
-                    let index = page as usize;
-                    // SAFETY: `index < capacity`; the page is on no table and no reader can
-                    // still see it (that is what reclaim checked), so nothing else touches it.
-                    let table = unsafe { &*self.page_ptr(index) };
-                    for e in table {
-                        e.store(0, Ordering::Relaxed);
-                    }
-                    index
-                }
-                None => {
-                    let index = self.next.fetch_add(1, Ordering::AcqRel);
-                    if index >= self.capacity {
-                        self.next.store(self.capacity, Ordering::Release);
-                        return None;
-                    }
-                    index
-                }
-            };
-            let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
-            self.peak.fetch_max(n, Ordering::Relaxed);
-            Some(PHYS_BASE + (index * PAGE_SIZE) as u64)
+        fn alloc_table(&self) -> Option<Hpa> {
+            self.alloc(true)
         }
 
-        fn free_table(&self, pa: PhysAddr) {
+        fn alloc_table_to_fill(&self) -> Option<Hpa> {
+            self.alloc(false)
+        }
+
+        fn free_table(&self, pa: Hpa) {
             let Some(index) = self.index_of(pa) else {
                 return;
             };
@@ -264,7 +286,7 @@ mod arena {
             }
         }
 
-        fn table(&self, pa: PhysAddr) -> Option<&Table> {
+        fn table(&self, pa: Hpa) -> Option<&Table> {
             let index = self.index_of(pa)?;
             // SAFETY: `index` is below the bump pointer, so the page lies inside the zeroed
             // reservation; `Table` is atomics only, so shared references are sound.
@@ -303,13 +325,13 @@ mod arena {
             let pages: Vec<_> = (0..3).map(|_| arena.alloc_table().unwrap()).collect();
             assert!(arena.alloc_table().is_none());
             for &pa in &pages {
-                assert_eq!(pa % PAGE_SIZE as u64, 0);
+                assert!(pa.is_aligned(PAGE_SIZE as u64));
                 let t = arena.table(pa).unwrap();
                 assert!(t.iter().all(|e| e.load(Ordering::Relaxed) == 0));
                 assert_eq!(t.as_ptr() as usize % PAGE_SIZE, 0);
             }
             assert!(arena.table(pages[0] + 8).is_none());
-            assert!(arena.table(0).is_none());
+            assert!(arena.table(Hpa(0)).is_none());
             assert_eq!(arena.pages_in_use(), 3);
         }
 
