@@ -4,13 +4,16 @@
 //!   prints what it installs and skips what is present): rustfmt and clippy, the nightly
 //!   toolchain's rust-src and bpf-linker (LLVM 22) for the eBPF programs, QEMU for the live
 //!   tests.
-//! - `test`: every test (the concurrency stress test in release mode), plus the check that
-//!   keeps the kernel-side crate kernel-buildable.
+//! - `test`: the structure checks (kmod's layers; its decision layer under the kernel's Rust
+//!   rules; no dependency in its default build), then every test (the concurrency stress test
+//!   in release mode).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
+
+mod checks;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -263,6 +266,8 @@ fn cargo_test(args: &[&str], totals: &mut Totals) -> anyhow::Result<bool> {
 }
 
 fn test() -> anyhow::Result<()> {
+    checks::check_layers(&root())?;
+    checks::check_decision_layer(&root())?;
     check_kmod_default_build()?;
     let mut totals = Totals::default();
     let units = cargo_test(

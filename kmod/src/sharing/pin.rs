@@ -144,7 +144,7 @@ impl Pinner for ModelledPinner {
         while at < end {
             let from = at.max(start);
             let to = (at + chunk).min(end);
-            let n = (to - from) >> 12;
+            let n = crate::decision::addr::bytes_to_frames(to - from);
             cost += if self.populated.insert(at) {
                 n * self.model.first_touch_4k_ns
             } else {
