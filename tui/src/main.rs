@@ -24,25 +24,6 @@ enum Format {
     Csv,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    PinPrepopulate,
-    ExportedIopf,
-    SeparateTable,
-    Optimized,
-}
-
-impl From<Mode> for ShareMode {
-    fn from(m: Mode) -> Self {
-        match m {
-            Mode::PinPrepopulate => ShareMode::PinPrepopulate,
-            Mode::ExportedIopf => ShareMode::ExportedIopf,
-            Mode::SeparateTable => ShareMode::SeparateTable,
-            Mode::Optimized => ShareMode::Optimized,
-        }
-    }
-}
-
 /// sharetop: pre-population, root updates and IOTLB flushes of IOMMU/TDP page-table sharing,
 /// per VM. Sources: the live kernel (root), a recorded trace, or the simulator.
 #[derive(Debug, Subcommand)]
@@ -70,7 +51,7 @@ struct Cli {
     simulate: Option<PathBuf>,
     /// Sharing mode(s) to simulate (default: the scenario's).
     #[arg(long, value_enum, value_name = "MODE")]
-    mode: Vec<Mode>,
+    mode: Vec<ShareMode>,
     /// Wall-clock seconds a simulation is played over.
     #[arg(long, default_value_t = 20.0, value_name = "S")]
     sim_seconds: f64,
@@ -136,7 +117,7 @@ fn start(
         let modes = if cli.mode.is_empty() {
             scenario.sharing.modes.clone()
         } else {
-            cli.mode.iter().map(|m| (*m).into()).collect()
+            cli.mode.clone()
         };
         let label = format!("simulate {}", scenario.name);
         sources::simulate(srcs, scenario, modes, pace, cli.sim_seconds, tx);

@@ -151,3 +151,30 @@ fn pty_smoke_test() {
     // The terminal was restored: the alternate screen is gone.
     assert!(!after.contains("Overview"), "{after}");
 }
+
+#[test]
+fn a_mode_has_one_spelling_and_the_dashed_alias() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../kmod/scenarios/refused.toml"
+    );
+    for spelling in ["separate_table", "separate-table"] {
+        let out = sharetop()
+            .args(["--simulate", scenario, "--mode", spelling, "--once"])
+            .args(["--format", "csv", "--sim-seconds", "0.1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{spelling}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("separate_table"));
+    }
+    let out = sharetop()
+        .args(["--simulate", scenario, "--mode", "separate", "--once"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pin_prepopulate"));
+}

@@ -10,6 +10,8 @@
 //!
 //! May use every layer below it.
 
+#[cfg(feature = "clap")]
+mod cli;
 pub mod machine;
 pub mod platform;
 pub mod run;
