@@ -10,43 +10,19 @@ use tdpshare::event::{
     Source, SpteFlags,
 };
 use tdpshare::{Gfn, Gpa, Iova, Level, PteFormat, SlotTracker};
-use tdpshare_probes_common::{RECORD_DATA, RECORD_SIZE, Record, probe};
+use tdpshare_probes_common::{ProbeId, Record};
 
 use crate::btf::RoleLayout;
 use crate::tracefs::Format;
 
 /// Parses a ring-buffer entry; `None` if it is not a whole record.
 pub fn parse_record(bytes: &[u8]) -> Option<Record> {
-    if bytes.len() < RECORD_SIZE {
-        return None;
-    }
-    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
-    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
-    let mut data = [0; RECORD_DATA];
-    data.copy_from_slice(&bytes[40..40 + RECORD_DATA]);
-    Some(Record {
-        probe: u32_at(0),
-        tgid: u32_at(4),
-        tid: u32_at(8),
-        cpu: u32_at(12),
-        ts_ns: u64_at(16),
-        latency_ns: u64_at(24),
-        ret: u64_at(32) as i64,
-        data,
-    })
+    Record::from_bytes(bytes)
 }
 
 /// Encodes a record as the eBPF side lays it out (for tests and replays of raw captures).
 pub fn encode_record(r: &Record) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RECORD_SIZE);
-    for w in [r.probe, r.tgid, r.tid, r.cpu] {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    for w in [r.ts_ns, r.latency_ns, r.ret as u64] {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out.extend_from_slice(&r.data);
-    out
+    r.to_bytes().to_vec()
 }
 
 fn le_u32(d: &[u8], o: usize) -> u64 {
@@ -65,7 +41,7 @@ fn level_of(raw: u64) -> Result<Level, ()> {
 /// Turns records into events.
 #[derive(Debug)]
 pub struct Decoder {
-    formats: HashMap<u32, Format>,
+    formats: HashMap<ProbeId, Format>,
     role: RoleLayout,
     /// The host's TDP entry format (EPT on Intel, NPT on AMD), for `spte` fields.
     spte: PteFormat,
@@ -84,7 +60,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(
-        formats: HashMap<u32, Format>,
+        formats: HashMap<ProbeId, Format>,
         role: RoleLayout,
         spte: PteFormat,
         start_mono_ns: u64,
@@ -112,8 +88,8 @@ impl Decoder {
         }
     }
 
-    fn field(&self, r: &Record, name: &str) -> Option<u64> {
-        self.formats.get(&r.probe)?.read_u64(&r.data, name).ok()?
+    fn field(&self, id: ProbeId, r: &Record, name: &str) -> Option<u64> {
+        self.formats.get(&id)?.read_u64(&r.data, name).ok()?
     }
 
     /// The events of one record (none, one, or two for a DMA map that also pins).
@@ -171,11 +147,14 @@ impl Decoder {
         *n
     }
 
+    /// The events of record `r`. Every probe of the list has its arm here: the match is
+    /// exhaustive, so a probe added to the list does not build until it is decoded.
     fn kinds(&mut self, r: &Record) -> Result<Vec<(EventKind, Option<u32>)>, ()> {
-        let f = |name: &str| self.field(r, name).ok_or(());
+        let id = ProbeId::from_u32(r.probe).ok_or(())?;
+        let f = |name: &str| self.field(id, r, name).ok_or(());
         let one = |k: EventKind| Ok(vec![(k, None)]);
-        match r.probe {
-            probe::KVM_MMU_GET_PAGE => {
+        match id {
+            ProbeId::KvmMmuGetPage => {
                 let (gfn, role, created) = (f("gfn")?, f("role")? as u32, f("created")? != 0);
                 if !created || self.role.invalid(role) {
                     return Ok(vec![]);
@@ -192,7 +171,7 @@ impl Decoder {
                     cause: RootCause::Unknown,
                 }))
             }
-            probe::KVM_MMU_PREPARE_ZAP_PAGE => {
+            ProbeId::KvmMmuPrepareZapPage => {
                 let (gfn, role) = (f("gfn")?, f("role")? as u32);
                 if let Some(level) = self.root_level(r.tgid, gfn, role) {
                     return one(EventKind::RootFree(Root {
@@ -212,15 +191,15 @@ impl Decoder {
                     entries: 1,
                 })
             }
-            probe::KVM_MMU_ZAP_ALL_FAST => one(EventKind::FastZap {
+            ProbeId::KvmMmuZapAllFast => one(EventKind::FastZap {
                 generation: f("mmu_valid_gen")?,
                 pages: f("mmu_used_pages")?,
             }),
-            probe::KVM_MMU_SPLIT_HUGE_PAGE => one(EventKind::HugePageSplit {
+            ProbeId::KvmMmuSplitHugePage => one(EventKind::HugePageSplit {
                 gfn: Gfn(f("gfn")?),
                 level: level_of(f("level")?)?.get(),
             }),
-            probe::KVM_MMU_SET_SPTE => {
+            ProbeId::KvmMmuSetSpte => {
                 let level = level_of(f("level")?)?;
                 one(EventKind::SpteSet {
                     gfn: Gfn(f("gfn")?),
@@ -229,7 +208,7 @@ impl Decoder {
                     new: SpteFlags::of_entry(&self.spte, f("spte")?, level),
                 })
             }
-            probe::KVM_TDP_MMU_SPTE_CHANGED => {
+            ProbeId::KvmTdpMmuSpteChanged => {
                 let level = level_of(f("level")?)?;
                 one(EventKind::SpteSet {
                     gfn: Gfn(f("gfn")?),
@@ -238,30 +217,30 @@ impl Decoder {
                     new: SpteFlags::of_entry(&self.spte, f("new_spte")?, level),
                 })
             }
-            probe::KVM_PAGE_FAULT => Ok(vec![(
+            ProbeId::KvmPageFault => Ok(vec![(
                 EventKind::PageFault {
                     gfn: Gpa(f("fault_address")?).gfn(),
                     error_code: f("error_code")?,
                 },
                 Some(f("vcpu_id")? as u32),
             )]),
-            probe::IOMMU_MAP => one(EventKind::IommuMap {
+            ProbeId::IommuMap => one(EventKind::IommuMap {
                 iova: Iova(f("iova")?),
                 size: f("size")?,
                 ns: 0,
             }),
-            probe::IOMMU_UNMAP => one(EventKind::IommuUnmap {
+            ProbeId::IommuUnmap => one(EventKind::IommuUnmap {
                 iova: Iova(f("iova")?),
                 size: f("unmapped_size").or_else(|_| f("size"))?,
                 ns: 0,
             }),
-            probe::IOMMU_IO_PAGE_FAULT => one(EventKind::IoPageFault {
+            ProbeId::IommuIoPageFault => one(EventKind::IoPageFault {
                 iova: Iova(f("iova")?),
                 // IOMMU_FAULT_WRITE
                 write: f("flags")? & 0x1 != 0,
                 resolved: false,
             }),
-            probe::INTEL_QI_SUBMIT => {
+            ProbeId::IntelQiSubmit => {
                 let (qw0, qw1) = (f("qw0")?, f("qw1")?);
                 // VT-d queued-invalidation descriptors: type 2 is an IOTLB invalidation,
                 // granularity in bits 4-5, domain in 16-31; PSI address and mask in qw1.
@@ -291,7 +270,7 @@ impl Decoder {
                     ns: 0,
                 })
             }
-            probe::INTEL_CACHE_TAG_FLUSH_RANGE | probe::INTEL_CACHE_TAG_FLUSH_RANGE_NP => {
+            ProbeId::IntelCacheTagFlushRange | ProbeId::IntelCacheTagFlushRangeNp => {
                 let (start, end) = (f("start")?, f("end")?);
                 one(EventKind::IotlbFlush {
                     scope: FlushScope::Range,
@@ -303,7 +282,7 @@ impl Decoder {
                     ns: 0,
                 })
             }
-            probe::TDPSHARE_PREPOPULATE => {
+            ProbeId::TdpsharePrepopulate => {
                 let (start, end) = (f("gfn_start")?, f("gfn_end")?);
                 one(EventKind::PrepopulateEnd {
                     range: GpaRange::of_frames(Gfn(start), end.saturating_sub(start)),
@@ -315,13 +294,13 @@ impl Decoder {
                     ns: f("ns")?,
                 })
             }
-            probe::TDPSHARE_ROOT_UPDATE => one(EventKind::RootSwitch(Root {
+            ProbeId::TdpshareRootUpdate => one(EventKind::RootSwitch(Root {
                 root: f("root")?,
                 level: f("level")? as u8,
                 smm: f("as_id").unwrap_or(0) != 0,
                 cause: RootCause::Unknown,
             })),
-            probe::TDPSHARE_IOTLB_FLUSH => {
+            ProbeId::TdpshareIotlbFlush => {
                 let size = f("size")?;
                 one(EventKind::IotlbFlush {
                     scope: if size == 0 {
@@ -334,31 +313,13 @@ impl Decoder {
                     ns: f("ns")?,
                 })
             }
-            id @ probe::IOCTL_SET_USER_MEMORY_REGION..=probe::IOCTL_IOAS_UNMAP => self
-                .ioctl(id, r)
-                .map(|v| v.into_iter().map(|k| (k, None)).collect()),
-            _ => Err(()),
-        }
-    }
-
-    fn ioctl(&mut self, id: u32, r: &Record) -> Result<Vec<EventKind>, ()> {
-        if r.ret != 0 {
-            return Ok(vec![]); // refused: nothing changed
-        }
-        let d = &r.data;
-        let ns = r.latency_ns;
-        let pin = |iova: Iova, size: u64| EventKind::Pin {
-            range: GpaRange::new(iova.gpa(), size),
-            pages: GpaRange::new(iova.gpa(), size).pages_4k(),
-        };
-        let unpin = |iova: Iova, size: u64| EventKind::Unpin {
-            range: GpaRange::new(iova.gpa(), size),
-            pages: GpaRange::new(iova.gpa(), size).pages_4k(),
-        };
-        Ok(match id {
-            probe::IOCTL_SET_USER_MEMORY_REGION | probe::IOCTL_SET_USER_MEMORY_REGION2 => {
+            // ioctls: the command's argument struct (a stable UAPI layout); a refused call
+            // changed nothing.
+            _ if id.is_ioctl() && r.ret != 0 => Ok(vec![]),
+            ProbeId::IoctlSetUserMemoryRegion | ProbeId::IoctlSetUserMemoryRegion2 => {
                 // struct kvm_userspace_memory_region(2): slot, flags, guest_phys_addr,
                 // memory_size, userspace_addr.
+                let d = &r.data;
                 let (as_id, slot) = SlotTracker::split_slot_id(le_u32(d, 0) as u32);
                 let call = Memslot {
                     slot,
@@ -372,50 +333,64 @@ impl Decoder {
                 // A slot created before recording began is unknown: a delete of it is still
                 // reported, with the call's own (zero) extent.
                 match tracker.apply(call) {
-                    Ok(k) => vec![k],
-                    Err(_) => vec![EventKind::MemslotDelete(call)],
+                    Ok(k) => one(k),
+                    Err(_) => one(EventKind::MemslotDelete(call)),
                 }
             }
-            probe::IOCTL_PRE_FAULT_MEMORY => {
+            ProbeId::IoctlPreFaultMemory => {
                 // struct kvm_pre_fault_memory: gpa, size, flags.
-                let range = GpaRange::new(Gpa(le_u64(d, 0)), le_u64(d, 8));
-                vec![EventKind::PrepopulateEnd {
+                let range = GpaRange::new(Gpa(le_u64(&r.data, 0)), le_u64(&r.data, 8));
+                one(EventKind::PrepopulateEnd {
                     range,
                     page_size: PageSize::Size4K,
                     cause: PrepopCause::PreFault,
                     entries: range.pages_4k(),
-                    ns,
-                }]
+                    ns: r.latency_ns,
+                })
             }
-            probe::IOCTL_VFIO_MAP_DMA => {
+            ProbeId::IoctlVfioMapDma => {
                 // struct vfio_iommu_type1_dma_map: argsz, flags, vaddr, iova, size.
-                let (iova, size) = (Iova(le_u64(d, 16)), le_u64(d, 24));
-                vec![EventKind::IommuMap { iova, size, ns }, pin(iova, size)]
+                Ok(dma(r, true, Iova(le_u64(&r.data, 16)), le_u64(&r.data, 24)))
             }
-            probe::IOCTL_VFIO_UNMAP_DMA => {
+            ProbeId::IoctlVfioUnmapDma => {
                 // struct vfio_iommu_type1_dma_unmap: argsz, flags, iova, size.
-                let (iova, size) = (Iova(le_u64(d, 8)), le_u64(d, 16));
-                vec![EventKind::IommuUnmap { iova, size, ns }, unpin(iova, size)]
+                Ok(dma(r, false, Iova(le_u64(&r.data, 8)), le_u64(&r.data, 16)))
             }
-            probe::IOCTL_IOAS_MAP => {
+            ProbeId::IoctlIoasMap => {
                 // struct iommu_ioas_map: size, flags, ioas_id, reserved, user_va, length, iova.
-                let (size, iova) = (le_u64(d, 24), Iova(le_u64(d, 32)));
-                vec![EventKind::IommuMap { iova, size, ns }, pin(iova, size)]
+                Ok(dma(r, true, Iova(le_u64(&r.data, 32)), le_u64(&r.data, 24)))
             }
-            probe::IOCTL_IOAS_UNMAP => {
+            ProbeId::IoctlIoasUnmap => {
                 // struct iommu_ioas_unmap: size, ioas_id, iova, length.
-                let (iova, size) = (Iova(le_u64(d, 8)), le_u64(d, 16));
-                vec![EventKind::IommuUnmap { iova, size, ns }, unpin(iova, size)]
+                Ok(dma(r, false, Iova(le_u64(&r.data, 8)), le_u64(&r.data, 16)))
             }
-            _ => return Err(()),
-        })
+        }
     }
+}
+
+/// A timed DMA map (and the pin it implies) or unmap (and its unpin) of `size` bytes at `iova`.
+fn dma(r: &Record, map: bool, iova: Iova, size: u64) -> Vec<(EventKind, Option<u32>)> {
+    let (ns, range) = (r.latency_ns, GpaRange::new(iova.gpa(), size));
+    let pages = range.pages_4k();
+    let kinds = if map {
+        [
+            EventKind::IommuMap { iova, size, ns },
+            EventKind::Pin { range, pages },
+        ]
+    } else {
+        [
+            EventKind::IommuUnmap { iova, size, ns },
+            EventKind::Unpin { range, pages },
+        ]
+    };
+    kinds.into_iter().map(|k| (k, None)).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+    use tdpshare_probes_common::RECORD_DATA;
 
     fn format(file: &str, system: &str) -> Format {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -427,33 +402,33 @@ mod tests {
     fn decoder() -> Decoder {
         let mut formats = HashMap::new();
         formats.insert(
-            probe::KVM_MMU_GET_PAGE,
+            ProbeId::KvmMmuGetPage,
             format("kvmmmu_kvm_mmu_get_page.format", "kvmmmu"),
         );
         formats.insert(
-            probe::KVM_MMU_ZAP_ALL_FAST,
+            ProbeId::KvmMmuZapAllFast,
             format("kvmmmu_kvm_mmu_zap_all_fast.format", "kvmmmu"),
         );
         formats.insert(
-            probe::KVM_TDP_MMU_SPTE_CHANGED,
+            ProbeId::KvmTdpMmuSpteChanged,
             format("kvmmmu_kvm_tdp_mmu_spte_changed.format", "kvmmmu"),
         );
         formats.insert(
-            probe::KVM_PAGE_FAULT,
+            ProbeId::KvmPageFault,
             format("kvm_kvm_page_fault.format", "kvm"),
         );
-        formats.insert(probe::IOMMU_MAP, format("iommu_map.format", "iommu"));
+        formats.insert(ProbeId::IommuMap, format("iommu_map.format", "iommu"));
         Decoder::new(formats, RoleLayout::LINUX_6, PteFormat::EPT4, 1_000)
     }
 
     /// A record of `probe` whose raw data has `fields` (offset, bytes) set.
-    fn record(probe: u32, fields: &[(usize, &[u8])]) -> Record {
+    fn record(probe: ProbeId, fields: &[(usize, &[u8])]) -> Record {
         let mut data = [0; RECORD_DATA];
         for (off, bytes) in fields {
             data[*off..*off + bytes.len()].copy_from_slice(bytes);
         }
         Record {
-            probe,
+            probe: probe as u32,
             tgid: 4242,
             tid: 4243,
             cpu: 1,
@@ -466,7 +441,7 @@ mod tests {
 
     #[test]
     fn record_bytes_round_trip() {
-        let r = record(probe::IOMMU_MAP, &[(8, &[1, 2, 3])]);
+        let r = record(ProbeId::IommuMap, &[(8, &[1, 2, 3])]);
         let back = parse_record(&encode_record(&r)).unwrap();
         assert_eq!(
             (back.probe, back.tgid, back.ts_ns, back.data),
@@ -481,7 +456,7 @@ mod tests {
         // role: level 4, direct, smm 1; created = true (offset 33)
         let role: u32 = 4 | (1 << 7) | (1 << 24);
         let r = record(
-            probe::KVM_MMU_GET_PAGE,
+            ProbeId::KvmMmuGetPage,
             &[(24, &role.to_le_bytes()), (33, &[1])],
         );
         let ev = d.decode(&r);
@@ -501,7 +476,7 @@ mod tests {
         // A level-1 page is no root.
         let leaf_role: u32 = 1 | (1 << 7);
         let r = record(
-            probe::KVM_MMU_GET_PAGE,
+            ProbeId::KvmMmuGetPage,
             &[(24, &leaf_role.to_le_bytes()), (33, &[1])],
         );
         assert!(d.decode(&r).is_empty());
@@ -518,7 +493,7 @@ mod tests {
             .iter()
             .flat_map(|gfn| {
                 let r = record(
-                    probe::KVM_MMU_GET_PAGE,
+                    ProbeId::KvmMmuGetPage,
                     &[
                         (16, &gfn.to_le_bytes()),
                         (24, &role.to_le_bytes()),
@@ -539,7 +514,7 @@ mod tests {
     fn tracepoints_decode_by_field_name() {
         let mut d = decoder();
         let r = record(
-            probe::KVM_MMU_ZAP_ALL_FAST,
+            ProbeId::KvmMmuZapAllFast,
             &[(8, &[7]), (12, &9u32.to_le_bytes())],
         );
         assert_eq!(
@@ -556,7 +531,7 @@ mod tests {
             Default::default(),
         );
         let r = record(
-            probe::KVM_TDP_MMU_SPTE_CHANGED,
+            ProbeId::KvmTdpMmuSpteChanged,
             &[
                 (8, &5u64.to_le_bytes()),
                 (24, &leaf.to_le_bytes()),
@@ -577,7 +552,7 @@ mod tests {
             (Gfn(5), 1, "---------".into(), "prw------".into())
         );
         let r = record(
-            probe::KVM_PAGE_FAULT,
+            ProbeId::KvmPageFault,
             &[
                 (8, &3u32.to_le_bytes()),
                 (24, &0x1234_5678u64.to_le_bytes()),
@@ -594,7 +569,7 @@ mod tests {
             }
         );
         let r = record(
-            probe::IOMMU_MAP,
+            ProbeId::IommuMap,
             &[
                 (8, &0x1000u64.to_le_bytes()),
                 (24, &0x2000u64.to_le_bytes()),
@@ -610,7 +585,7 @@ mod tests {
         );
         // A probe whose format is unknown cannot be decoded: counted, not guessed.
         assert!(
-            d.decode(&record(probe::KVM_MMU_SPLIT_HUGE_PAGE, &[]))
+            d.decode(&record(ProbeId::KvmMmuSplitHugePage, &[]))
                 .is_empty()
         );
         assert_eq!(d.undecodable, 1);
@@ -620,7 +595,7 @@ mod tests {
     fn memslot_ioctls_follow_kvm() {
         let mut d = decoder();
         let region = |slot: u32, gpa: u64, size: u64| {
-            let mut r = record(probe::IOCTL_SET_USER_MEMORY_REGION, &[]);
+            let mut r = record(ProbeId::IoctlSetUserMemoryRegion, &[]);
             r.data[0..4].copy_from_slice(&slot.to_le_bytes());
             r.data[8..16].copy_from_slice(&gpa.to_le_bytes());
             r.data[16..24].copy_from_slice(&size.to_le_bytes());
@@ -667,7 +642,7 @@ mod tests {
     #[test]
     fn vfio_map_is_a_timed_map_and_a_pin() {
         let mut d = decoder();
-        let mut r = record(probe::IOCTL_VFIO_MAP_DMA, &[]);
+        let mut r = record(ProbeId::IoctlVfioMapDma, &[]);
         r.data[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes());
         r.data[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
         r.latency_ns = 12_345;

@@ -16,7 +16,7 @@ use tdpshare::event::Event;
 use tdpshare_probes_common::split_hist_key;
 
 use crate::btf::RoleLayout;
-use crate::catalog::{CATALOG, Probe};
+use crate::catalog::{CATALOG, Kernel, Probe};
 use crate::decode::{Decoder, parse_record};
 use crate::tracefs::{self, Format};
 
@@ -424,8 +424,8 @@ pub fn status_table(statuses: &[ProbeStatus]) -> String {
     let mut out = format!("{:width$}  {:<13}  state\n", "tracepoint", "path");
     for s in statuses {
         let name = format!("{}:{}", s.probe.system, s.probe.event);
-        let path = format!("{:?}", s.probe.path);
-        let note = if s.probe.patched_kernel_only && s.state == ProbeState::Absent {
+        let path = format!("{:?}", s.probe.watches);
+        let note = if s.probe.kernel == Kernel::Series && s.state == ProbeState::Absent {
             " (tdpshare patch series not in this kernel)"
         } else {
             ""

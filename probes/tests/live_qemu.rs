@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tdpshare::event::EventKind;
 use tdpshare_probes::loader::{LoadOptions, ProbeState, Session};
-use tdpshare_probes_common::probe;
+use tdpshare_probes_common::ProbeId;
 
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -94,7 +94,7 @@ fn probes_see_a_real_guest_and_only_it() {
     assert!(adds >= 3, "QEMU's memslot ioctls not seen ({adds})");
     let get_page = counters
         .counts
-        .get(&(pid, probe::KVM_MMU_GET_PAGE))
+        .get(&(pid, ProbeId::KvmMmuGetPage as u32))
         .copied()
         .unwrap_or(0);
     assert!(get_page > 0, "no kvm_mmu_get_page for the guest");
@@ -103,7 +103,7 @@ fn probes_see_a_real_guest_and_only_it() {
     // Every memslot ioctl was timed in the kernel.
     let hist = counters
         .latency
-        .get(&(pid, probe::IOCTL_SET_USER_MEMORY_REGION))
+        .get(&(pid, ProbeId::IoctlSetUserMemoryRegion as u32))
         .expect("memslot ioctl latency histogram");
     assert_eq!(hist.count as usize, adds + deletes);
 }

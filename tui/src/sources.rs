@@ -249,7 +249,7 @@ pub fn live(
             .iter()
             .map(|s| ProbeRow {
                 tracepoint: format!("{}:{}", s.probe.system, s.probe.event),
-                path: format!("{:?}", s.probe.path),
+                path: format!("{:?}", s.probe.watches),
                 state: s.state.to_string(),
             })
             .collect();

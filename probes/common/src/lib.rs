@@ -1,7 +1,235 @@
-//! What the eBPF programs and the userspace loader agree on: probe ids, the ring-buffer record,
-//! the map keys, the ioctl commands watched. `no_std`, no dependency: it builds for the BPF
-//! target and the host alike.
+//! What the eBPF programs and the userspace loader agree on: **the one list of probes**
+//! ([`with_probes!`]), the ring-buffer record, the map keys, the ioctl commands watched.
+//! `no_std`, no dependency: it builds for the BPF target and the host alike.
+//!
+//! Adding a probe is one line in [`with_probes!`] plus its arm in the userspace decoder (which
+//! matches [`ProbeId`] exhaustively, so the compiler asks for it): the id, the eBPF program,
+//! the catalog entry and, for an ioctl, the command dispatch all come from that line.
 #![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// The probes, one line each. Invoke with the name of a macro that takes this shape:
+///
+/// ```text
+/// tracepoints { Variant = id, program_fn, "system", "event", Path, Kernel, "yields"; … }
+/// ioctls { Variant = id, COMMAND_NUMBER, "NAME", "yields"; … }
+/// own_programs { program_fn, "system", "event", Path, Kernel, "yields"; … }
+/// ```
+///
+/// `tracepoints` get a generated eBPF program that ships the raw record; `ioctls` are watched by
+/// the ioctl pair, which `own_programs` lists with the other hand-written programs. `Path` is a
+/// [`Watches`] variant, `Kernel` a [`Kernel`] variant.
+#[macro_export]
+macro_rules! with_probes {
+    ($m:ident) => {
+        $m! {
+            tracepoints {
+                KvmMmuGetPage = 0, kvm_mmu_get_page, "kvmmmu", "kvm_mmu_get_page",
+                    RootUpdate, Stock, "root_alloc (new page with root level)";
+                KvmMmuPrepareZapPage = 1, kvm_mmu_prepare_zap_page, "kvmmmu",
+                    "kvm_mmu_prepare_zap_page", RootUpdate, Stock,
+                    "root_free (roots), zap (other pages)";
+                KvmMmuZapAllFast = 2, kvm_mmu_zap_all_fast, "kvmmmu", "kvm_mmu_zap_all_fast",
+                    RootUpdate, Stock, "fast_zap";
+                KvmMmuSplitHugePage = 3, kvm_mmu_split_huge_page, "kvmmmu",
+                    "kvm_mmu_split_huge_page", Prepopulation, Stock, "huge_page_split";
+                KvmMmuSetSpte = 4, kvm_mmu_set_spte, "kvmmmu", "kvm_mmu_set_spte",
+                    Prepopulation, Stock, "spte_set";
+                KvmTdpMmuSpteChanged = 5, kvm_tdp_mmu_spte_changed, "kvmmmu",
+                    "kvm_tdp_mmu_spte_changed", Prepopulation, Stock, "spte_set (old and new)";
+                KvmPageFault = 6, kvm_page_fault, "kvm", "kvm_page_fault",
+                    Prepopulation, Stock, "page_fault";
+                IommuMap = 7, iommu_map, "iommu", "map", Iommu, Stock, "iommu_map";
+                IommuUnmap = 8, iommu_unmap, "iommu", "unmap", Iommu, Stock, "iommu_unmap";
+                IommuIoPageFault = 9, iommu_io_page_fault, "iommu", "io_page_fault",
+                    Iommu, Stock, "io_page_fault";
+                IntelQiSubmit = 10, intel_qi_submit, "intel_iommu", "qi_submit",
+                    Iommu, Stock, "iotlb_flush (IOTLB invalidation descriptors)";
+                IntelCacheTagFlushRange = 11, intel_cache_tag_flush_range, "intel_iommu",
+                    "cache_tag_flush_range", Iommu, Stock, "iotlb_flush (range)";
+                IntelCacheTagFlushRangeNp = 12, intel_cache_tag_flush_range_np, "intel_iommu",
+                    "cache_tag_flush_range_np", Iommu, Stock, "iotlb_flush (range, non-present)";
+                TdpsharePrepopulate = 24, tdpshare_prepopulate, "tdpshare", "prepopulate",
+                    Prepopulation, Series, "prepopulate_end";
+                TdpshareRootUpdate = 25, tdpshare_root_update, "tdpshare", "root_update",
+                    RootUpdate, Series, "root_switch";
+                TdpshareIotlbFlush = 26, tdpshare_iotlb_flush, "tdpshare", "iotlb_flush",
+                    Iommu, Series, "iotlb_flush (with its cost)";
+            }
+            ioctls {
+                // _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)
+                IoctlSetUserMemoryRegion = 16, 0x4020_ae46, "KVM_SET_USER_MEMORY_REGION",
+                    "memslot_*";
+                // _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)
+                IoctlSetUserMemoryRegion2 = 17, 0x40a0_ae49, "KVM_SET_USER_MEMORY_REGION2",
+                    "memslot_*";
+                // _IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)
+                IoctlPreFaultMemory = 18, 0xc040_aed5, "KVM_PRE_FAULT_MEMORY",
+                    "prepopulate_end";
+                // _IO(VFIO_TYPE, VFIO_BASE + 13)
+                IoctlVfioMapDma = 19, 0x3b71, "VFIO_IOMMU_MAP_DMA", "iommu_map + pin";
+                // _IO(VFIO_TYPE, VFIO_BASE + 14)
+                IoctlVfioUnmapDma = 20, 0x3b72, "VFIO_IOMMU_UNMAP_DMA", "iommu_unmap + unpin";
+                // _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_MAP)
+                IoctlIoasMap = 21, 0x3b85, "IOMMU_IOAS_MAP", "iommu_map + pin";
+                // _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_UNMAP)
+                IoctlIoasUnmap = 22, 0x3b86, "IOMMU_IOAS_UNMAP", "iommu_unmap + unpin";
+            }
+            own_programs {
+                sys_enter_ioctl, "syscalls", "sys_enter_ioctl", Memslot, Stock,
+                    "(start of the watched ioctls)";
+                sys_exit_ioctl, "syscalls", "sys_exit_ioctl", Memslot, Stock,
+                    "the watched ioctls with latency: memslot_* (KVM_SET_USER_MEMORY_REGION[2]), prepopulate_end (KVM_PRE_FAULT_MEMORY), iommu_map/unmap + pin/unpin (VFIO_IOMMU_MAP/UNMAP_DMA, IOMMU_IOAS_MAP/UNMAP)";
+            }
+        }
+    };
+}
+
+/// Which of the seed design's paths a probe watches (the event model's paths, restated here
+/// because this crate has no dependency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Watches {
+    /// TDP pre-population (and page faults, SPTE writes, splits).
+    Prepopulation,
+    /// Root updates (roots allocated and freed, fast zaps).
+    RootUpdate,
+    /// The IOMMU: maps, IO page faults, IOTLB flushes.
+    Iommu,
+    /// Memslot changes (and the other watched ioctls).
+    Memslot,
+}
+
+/// Which kernels have a probe's tracepoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Every kernel with the subsystem.
+    Stock,
+    /// Only a kernel carrying the tdpshare patch series.
+    Series,
+}
+
+/// One eBPF program and its tracepoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Program {
+    /// The program's name in the eBPF object.
+    pub program: &'static str,
+    pub system: &'static str,
+    pub event: &'static str,
+    /// The probe its records carry (`None` for the ioctl pair, whose records carry the
+    /// command's).
+    pub id: Option<ProbeId>,
+    pub watches: Watches,
+    pub kernel: Kernel,
+    /// The events it yields.
+    pub yields: &'static str,
+}
+
+/// One ioctl command the ioctl pair watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ioctl {
+    pub id: ProbeId,
+    /// The command number.
+    pub cmd: u32,
+    /// The command's name.
+    pub name: &'static str,
+    /// The events it yields.
+    pub yields: &'static str,
+}
+
+macro_rules! declare {
+    (
+        tracepoints {
+            $($tv:ident = $tid:literal, $prog:ident, $sys:literal, $ev:literal,
+                $path:ident, $kernel:ident, $yields:literal;)*
+        }
+        ioctls {
+            $($iv:ident = $iid:literal, $cmd:literal, $iname:literal, $iyields:literal;)*
+        }
+        own_programs {
+            $($oprog:ident, $osys:literal, $oev:literal, $opath:ident, $okernel:ident,
+                $oyields:literal;)*
+        }
+    ) => {
+        /// A probe: the id its records, counters and histograms carry.
+        #[repr(u32)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ProbeId {
+            $($tv = $tid,)*
+            $($iv = $iid,)*
+        }
+
+        impl ProbeId {
+            /// Every probe.
+            pub const ALL: &'static [ProbeId] = &[$(ProbeId::$tv,)* $(ProbeId::$iv,)*];
+
+            /// The probe with id `id`.
+            pub const fn from_u32(id: u32) -> Option<ProbeId> {
+                match id {
+                    $($tid => Some(ProbeId::$tv),)*
+                    $($iid => Some(ProbeId::$iv),)*
+                    _ => None,
+                }
+            }
+
+            /// The short name tables show: the tracepoint's event, or the ioctl's name.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(ProbeId::$tv => $ev,)*
+                    $(ProbeId::$iv => $iname,)*
+                }
+            }
+
+            /// Its records come from the ioctl pair.
+            pub const fn is_ioctl(self) -> bool {
+                match self {
+                    $(ProbeId::$iv => true,)*
+                    _ => false,
+                }
+            }
+        }
+
+        /// Every eBPF program, in the order status tables show them.
+        pub const PROGRAMS: &[Program] = &[
+            $(Program {
+                program: stringify!($prog),
+                system: $sys,
+                event: $ev,
+                id: Some(ProbeId::$tv),
+                watches: Watches::$path,
+                kernel: Kernel::$kernel,
+                yields: $yields,
+            },)*
+            $(Program {
+                program: stringify!($oprog),
+                system: $osys,
+                event: $oev,
+                id: None,
+                watches: Watches::$opath,
+                kernel: Kernel::$okernel,
+                yields: $oyields,
+            },)*
+        ];
+
+        /// Every ioctl command watched.
+        pub const IOCTLS: &[Ioctl] = &[
+            $(Ioctl { id: ProbeId::$iv, cmd: $cmd, name: $iname, yields: $iyields },)*
+        ];
+
+        /// The probe of a watched ioctl command, `None` for any other ioctl.
+        pub const fn ioctl_probe(cmd: u32) -> Option<ProbeId> {
+            match cmd {
+                $($cmd => Some(ProbeId::$iv),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+with_probes!(declare);
+
+/// Ids are below this (the per-VM counters are indexed by it).
+pub const PROBE_ID_LIMIT: u32 = 32;
 
 /// Bytes of the raw tracepoint record (or ioctl argument) copied into a [`Record`]. The
 /// largest record decoded here is 40 bytes; the rest is padding read from the trace buffer.
@@ -11,7 +239,7 @@ pub const RECORD_DATA: usize = 64;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct Record {
-    /// A `probe::*` id.
+    /// A [`ProbeId`].
     pub probe: u32,
     /// Thread group (the VMM's pid) and thread (the vCPU or I/O thread).
     pub tgid: u32,
@@ -28,69 +256,58 @@ pub struct Record {
 }
 
 /// Size of [`Record`] in bytes.
-pub const RECORD_SIZE: usize = core::mem::size_of::<Record>();
+pub const RECORD_SIZE: usize = size_of::<Record>();
 
-/// Probe ids: the index of the probe's counters and histograms.
-pub mod probe {
-    pub const KVM_MMU_GET_PAGE: u32 = 0;
-    pub const KVM_MMU_PREPARE_ZAP_PAGE: u32 = 1;
-    pub const KVM_MMU_ZAP_ALL_FAST: u32 = 2;
-    pub const KVM_MMU_SPLIT_HUGE_PAGE: u32 = 3;
-    pub const KVM_MMU_SET_SPTE: u32 = 4;
-    pub const KVM_TDP_MMU_SPTE_CHANGED: u32 = 5;
-    pub const KVM_PAGE_FAULT: u32 = 6;
-    pub const IOMMU_MAP: u32 = 7;
-    pub const IOMMU_UNMAP: u32 = 8;
-    pub const IOMMU_IO_PAGE_FAULT: u32 = 9;
-    pub const INTEL_QI_SUBMIT: u32 = 10;
-    pub const INTEL_CACHE_TAG_FLUSH_RANGE: u32 = 11;
-    pub const INTEL_CACHE_TAG_FLUSH_RANGE_NP: u32 = 12;
-    /// ioctls, one id per command watched (the ioctl tracepoints themselves have no id).
-    pub const IOCTL_SET_USER_MEMORY_REGION: u32 = 16;
-    pub const IOCTL_SET_USER_MEMORY_REGION2: u32 = 17;
-    pub const IOCTL_PRE_FAULT_MEMORY: u32 = 18;
-    pub const IOCTL_VFIO_MAP_DMA: u32 = 19;
-    pub const IOCTL_VFIO_UNMAP_DMA: u32 = 20;
-    pub const IOCTL_IOAS_MAP: u32 = 21;
-    pub const IOCTL_IOAS_UNMAP: u32 = 22;
-    /// The patch series' own tracepoints.
-    pub const TDPSHARE_PREPOPULATE: u32 = 24;
-    pub const TDPSHARE_ROOT_UPDATE: u32 = 25;
-    pub const TDPSHARE_IOTLB_FLUSH: u32 = 26;
-    /// Ids are below this.
-    pub const COUNT: u32 = 32;
+fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(
+        bytes.get(offset..offset + 4)?.try_into().ok()?,
+    ))
 }
 
-/// ioctl commands watched, with the probe id each is counted under.
-pub mod ioctl {
-    /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`
-    pub const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_ae46;
-    /// `_IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)`
-    pub const KVM_SET_USER_MEMORY_REGION2: u32 = 0x40a0_ae49;
-    /// `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`
-    pub const KVM_PRE_FAULT_MEMORY: u32 = 0xc040_aed5;
-    /// `_IO(VFIO_TYPE, VFIO_BASE + 13)`
-    pub const VFIO_IOMMU_MAP_DMA: u32 = 0x3b71;
-    /// `_IO(VFIO_TYPE, VFIO_BASE + 14)`
-    pub const VFIO_IOMMU_UNMAP_DMA: u32 = 0x3b72;
-    /// `_IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_MAP)`
-    pub const IOMMU_IOAS_MAP: u32 = 0x3b85;
-    /// `_IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_UNMAP)`
-    pub const IOMMU_IOAS_UNMAP: u32 = 0x3b86;
+fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(
+        bytes.get(offset..offset + 8)?.try_into().ok()?,
+    ))
+}
 
-    /// The probe id of a watched command, `None` for any other ioctl.
-    pub const fn probe_of(cmd: u32) -> Option<u32> {
-        use super::probe::*;
-        match cmd {
-            KVM_SET_USER_MEMORY_REGION => Some(IOCTL_SET_USER_MEMORY_REGION),
-            KVM_SET_USER_MEMORY_REGION2 => Some(IOCTL_SET_USER_MEMORY_REGION2),
-            KVM_PRE_FAULT_MEMORY => Some(IOCTL_PRE_FAULT_MEMORY),
-            VFIO_IOMMU_MAP_DMA => Some(IOCTL_VFIO_MAP_DMA),
-            VFIO_IOMMU_UNMAP_DMA => Some(IOCTL_VFIO_UNMAP_DMA),
-            IOMMU_IOAS_MAP => Some(IOCTL_IOAS_MAP),
-            IOMMU_IOAS_UNMAP => Some(IOCTL_IOAS_UNMAP),
-            _ => None,
+impl Record {
+    /// The record a ring-buffer entry holds (the eBPF side writes it little-endian, as laid out
+    /// here); `None` if it is not a whole record.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Record> {
+        if bytes.len() < RECORD_SIZE {
+            return None;
         }
+        let d = offset_of!(Record, data);
+        Some(Record {
+            probe: u32_at(bytes, offset_of!(Record, probe))?,
+            tgid: u32_at(bytes, offset_of!(Record, tgid))?,
+            tid: u32_at(bytes, offset_of!(Record, tid))?,
+            cpu: u32_at(bytes, offset_of!(Record, cpu))?,
+            ts_ns: u64_at(bytes, offset_of!(Record, ts_ns))?,
+            latency_ns: u64_at(bytes, offset_of!(Record, latency_ns))?,
+            ret: u64_at(bytes, offset_of!(Record, ret))? as i64,
+            data: bytes.get(d..d + RECORD_DATA)?.try_into().ok()?,
+        })
+    }
+
+    /// The record as the eBPF side lays it out (for tests and replays of raw captures).
+    pub fn to_bytes(&self) -> [u8; RECORD_SIZE] {
+        let mut out = [0; RECORD_SIZE];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            out[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(offset_of!(Record, probe), &self.probe.to_le_bytes());
+        put(offset_of!(Record, tgid), &self.tgid.to_le_bytes());
+        put(offset_of!(Record, tid), &self.tid.to_le_bytes());
+        put(offset_of!(Record, cpu), &self.cpu.to_le_bytes());
+        put(offset_of!(Record, ts_ns), &self.ts_ns.to_le_bytes());
+        put(
+            offset_of!(Record, latency_ns),
+            &self.latency_ns.to_le_bytes(),
+        );
+        put(offset_of!(Record, ret), &self.ret.to_le_bytes());
+        put(offset_of!(Record, data), &self.data);
+        out
     }
 }
 
@@ -132,12 +349,53 @@ mod tests {
     }
 
     #[test]
-    fn record_layout_is_fixed() {
+    fn record_layout_is_fixed_and_round_trips() {
         assert_eq!(RECORD_SIZE, 4 * 4 + 8 * 3 + RECORD_DATA);
+        let r = Record {
+            probe: ProbeId::IommuMap as u32,
+            tgid: 4242,
+            tid: 4243,
+            cpu: 1,
+            ts_ns: 6_000,
+            latency_ns: 7,
+            ret: -17,
+            data: [9; RECORD_DATA],
+        };
+        let back = Record::from_bytes(&r.to_bytes()).unwrap();
         assert_eq!(
-            ioctl::probe_of(0x4020_ae46),
-            Some(probe::IOCTL_SET_USER_MEMORY_REGION)
+            (
+                back.probe,
+                back.tgid,
+                back.tid,
+                back.cpu,
+                back.ts_ns,
+                back.latency_ns,
+                back.ret
+            ),
+            (r.probe, r.tgid, r.tid, r.cpu, r.ts_ns, r.latency_ns, r.ret)
         );
-        assert_eq!(ioctl::probe_of(0x5401), None);
+        assert_eq!(back.data, r.data);
+        assert!(Record::from_bytes(&[0; 10]).is_none());
+    }
+
+    #[test]
+    fn the_list_is_consistent() {
+        for (i, a) in ProbeId::ALL.iter().enumerate() {
+            assert!((*a as u32) < PROBE_ID_LIMIT);
+            assert_eq!(ProbeId::from_u32(*a as u32), Some(*a));
+            assert!(ProbeId::ALL[i + 1..].iter().all(|b| b != a));
+        }
+        for (i, p) in PROGRAMS.iter().enumerate() {
+            assert!(PROGRAMS[i + 1..].iter().all(|q| q.program != p.program));
+        }
+        assert_eq!(
+            ioctl_probe(0x4020_ae46),
+            Some(ProbeId::IoctlSetUserMemoryRegion)
+        );
+        assert_eq!(ioctl_probe(0x5401), None);
+        assert!(ProbeId::IoctlPreFaultMemory.is_ioctl());
+        assert!(!ProbeId::KvmPageFault.is_ioctl());
+        assert_eq!(ProbeId::IoctlPreFaultMemory.name(), "KVM_PRE_FAULT_MEMORY");
+        assert_eq!(IOCTLS.len() + PROGRAMS.len() - 2, ProbeId::ALL.len());
     }
 }

@@ -17,7 +17,9 @@ use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use aya_log_ebpf::debug;
-use tdpshare_probes_common::{RECORD_DATA, Record, count_key, hist_key, ioctl, log2_bucket, probe};
+use tdpshare_probes_common::{
+    ProbeId, RECORD_DATA, Record, count_key, hist_key, ioctl_probe, log2_bucket,
+};
 
 /// Only this VMM's events (0: every process). Set by the loader.
 #[unsafe(no_mangle)]
@@ -120,35 +122,25 @@ fn hit(ctx: &TracePointContext, probe: u32) -> u32 {
     0
 }
 
-macro_rules! tracepoint_probe {
-    ($($name:ident => $probe:expr),* $(,)?) => {
+/// One program per tracepoint of the probe list: count the hit, ship the raw record.
+macro_rules! tracepoint_programs {
+    (
+        tracepoints {
+            $($variant:ident = $id:literal, $program:ident, $system:literal, $event:literal,
+                $path:ident, $kernel:ident, $yields:literal;)*
+        }
+        $($rest:tt)*
+    ) => {
         $(
             #[tracepoint]
-            pub fn $name(ctx: TracePointContext) -> u32 {
-                hit(&ctx, $probe)
+            pub fn $program(ctx: TracePointContext) -> u32 {
+                hit(&ctx, ProbeId::$variant as u32)
             }
         )*
     };
 }
 
-tracepoint_probe! {
-    kvm_mmu_get_page => probe::KVM_MMU_GET_PAGE,
-    kvm_mmu_prepare_zap_page => probe::KVM_MMU_PREPARE_ZAP_PAGE,
-    kvm_mmu_zap_all_fast => probe::KVM_MMU_ZAP_ALL_FAST,
-    kvm_mmu_split_huge_page => probe::KVM_MMU_SPLIT_HUGE_PAGE,
-    kvm_mmu_set_spte => probe::KVM_MMU_SET_SPTE,
-    kvm_tdp_mmu_spte_changed => probe::KVM_TDP_MMU_SPTE_CHANGED,
-    kvm_page_fault => probe::KVM_PAGE_FAULT,
-    iommu_map => probe::IOMMU_MAP,
-    iommu_unmap => probe::IOMMU_UNMAP,
-    iommu_io_page_fault => probe::IOMMU_IO_PAGE_FAULT,
-    intel_qi_submit => probe::INTEL_QI_SUBMIT,
-    intel_cache_tag_flush_range => probe::INTEL_CACHE_TAG_FLUSH_RANGE,
-    intel_cache_tag_flush_range_np => probe::INTEL_CACHE_TAG_FLUSH_RANGE_NP,
-    tdpshare_prepopulate => probe::TDPSHARE_PREPOPULATE,
-    tdpshare_root_update => probe::TDPSHARE_ROOT_UPDATE,
-    tdpshare_iotlb_flush => probe::TDPSHARE_IOTLB_FLUSH,
-}
+tdpshare_probes_common::with_probes!(tracepoint_programs);
 
 /// `syscalls:sys_enter_ioctl`: remember a watched command and its argument struct.
 #[tracepoint]
@@ -158,7 +150,7 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
         Ok(c) => c as u32,
         Err(_) => return 0,
     };
-    let Some(probe) = ioctl::probe_of(cmd) else {
+    let Some(probe) = ioctl_probe(cmd) else {
         return 0;
     };
     let Some((_, tid)) = task() else {
@@ -170,7 +162,7 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> u32 {
         Err(_) => return 0,
     };
     let mut flight = InFlight {
-        probe,
+        probe: probe as u32,
         _pad: 0,
         // SAFETY: a helper without preconditions.
         start_ns: unsafe { bpf_ktime_get_ns() },
