@@ -81,6 +81,8 @@ mod arena {
     use core::ptr::NonNull;
     use core::sync::atomic::{AtomicUsize, Ordering, fence};
     use std::alloc::{Layout, alloc_zeroed, dealloc};
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
     use std::sync::Mutex;
     use std::vec::Vec;
 
@@ -104,7 +106,9 @@ mod arena {
         layout: Layout,
         capacity: usize,
         next: AtomicUsize,
-        free: Mutex<Vec<u32>>,
+        /// Reusable pages, handed out lowest first: tables built one after another then sit
+        /// in ascending memory, as fresh ones do (a LIFO order halves the fill rate).
+        free: Mutex<BinaryHeap<Reverse<u32>>>,
         retired: Mutex<Vec<(u32, u64)>>,
         epoch: AtomicU64,
         readers: [AtomicU64; READER_SLOTS],
@@ -140,7 +144,7 @@ mod arena {
                 layout,
                 capacity,
                 next: AtomicUsize::new(0),
-                free: Mutex::new(Vec::new()),
+                free: Mutex::new(BinaryHeap::new()),
                 retired: Mutex::new(Vec::new()),
                 epoch: AtomicU64::new(1),
                 readers: [const { AtomicU64::new(0) }; READER_SLOTS],
@@ -188,7 +192,7 @@ mod arena {
                     self.reclaim();
                     free = self.free.lock().unwrap_or_else(|e| e.into_inner());
                 }
-                free.pop()
+                free.pop().map(|Reverse(page)| page)
             };
             let index = match reused {
                 Some(page) => {
@@ -231,7 +235,7 @@ mod arena {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             retired.retain(|&(page, stamp)| {
                 if stamp < oldest_reader {
-                    free.push(page);
+                    free.push(Reverse(page));
                     false
                 } else {
                     true
@@ -333,6 +337,22 @@ mod arena {
             assert!(arena.table(pages[0] + 8).is_none());
             assert!(arena.table(Hpa(0)).is_none());
             assert_eq!(arena.pages_in_use(), 3);
+        }
+
+        #[test]
+        fn reused_pages_go_out_lowest_first_and_zeroed_unless_to_fill() {
+            let arena = Arena::new(4).unwrap();
+            let pages: Vec<_> = (0..4).map(|_| arena.alloc_table().unwrap()).collect();
+            for &pa in pages.iter().rev() {
+                arena.table(pa).unwrap()[3].store(9, Ordering::Relaxed);
+                arena.free_table(pa);
+            }
+            arena.reclaim();
+            assert_eq!(arena.alloc_table_to_fill(), Some(pages[0]));
+            assert_eq!(arena.alloc_table(), Some(pages[1]));
+            assert_eq!(arena.table(pages[1]).unwrap()[3].load(Ordering::Relaxed), 0);
+            // A page to fill is not cleared first: its writer overwrites every entry.
+            assert_eq!(arena.table(pages[0]).unwrap()[3].load(Ordering::Relaxed), 9);
         }
 
         #[test]
