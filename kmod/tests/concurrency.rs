@@ -59,11 +59,8 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
     let format = PteFormat::EPT4;
     let arena = Arena::new(8192).unwrap();
     let iotlb = Iotlb::new(512, CostModel::default());
-    let walker = DmaWalker {
-        format,
-        max_leaf_level: Level::L3,
-        set_ad: true, // hardware A/D updates race with every compare-and-swap of the writer
-    };
+    // Hardware A/D updates race with every compare-and-swap of the writer.
+    let walker = DmaWalker::native(&format, true);
     let domain = IommuDomain::new(DOMAIN, walker, &iotlb);
     let mut mmu = TdpMmu::new(&arena, format, NullSink, ManualClock::new(0), 1);
     let root = mmu.alloc_root(false, RootCause::Initial).unwrap();

@@ -190,7 +190,16 @@ impl Model {
                 true
             }
             Op::SetPerms { gfn, frames, perms } => {
-                for (b, _) in self.overlapping(gfn, gfn + frames) {
+                let hit = self.overlapping(gfn, gfn + frames);
+                // A pinned leaf may gain rights but not lose read or write: DMA uses them.
+                let dma = Perms::RW.bits();
+                if hit
+                    .iter()
+                    .any(|(_, l)| l.pinned && l.perms.without(perms).bits() & dma != 0)
+                {
+                    return false;
+                }
+                for (b, _) in hit {
                     self.leaves.get_mut(&b).unwrap().perms = perms;
                 }
                 true
@@ -327,11 +336,7 @@ fn run(format: PteFormat, ops: &[Op]) -> Result<(), TestCaseError> {
         );
     }
     // The IOMMU translates exactly what the model maps.
-    let walker = DmaWalker {
-        format,
-        max_leaf_level: Level::L3,
-        set_ad: false,
-    };
+    let walker = DmaWalker::native(&format, false);
     let root_pa = mmu.root(root).unwrap().pa;
     for region in REGIONS {
         for gfn in (region..region + 4096).step_by(37) {

@@ -247,15 +247,13 @@ fn with_vm<R>(
 ) -> R {
     let arena = Arena::new(8192).unwrap();
     let iotlb = Iotlb::new(256, CostModel::default());
-    let kind = iommu.walks.kinds().first().unwrap();
-    let format = PteFormat::of(kind, 4).unwrap();
     let walker = DmaWalker {
-        format,
+        rules: iommu.format(),
+        levels: Level::L4,
         max_leaf_level: iommu.max_leaf_level(),
-        set_ad: true,
     };
     let domain = IommuDomain::new(1, walker, &iotlb);
-    let fallback = arena.alloc_table().unwrap();
+    let fallback = arena.alloc_table(0).unwrap();
     let sink = SharedSink::default();
     let clock = ManualClock::new(0);
     let parts = Parts::<SimPlatform<'_>> {
@@ -388,11 +386,7 @@ fn snoop_follows_the_negotiated_capability() {
         assert!(vm.engine.shared().unwrap().snoop);
         let root = vm.engine.cpu_root().unwrap();
         let pa = vm.engine.cpu_mmu().root(root).unwrap().pa;
-        let walker = DmaWalker {
-            format: PteFormat::EPT4,
-            max_leaf_level: Level::L3,
-            set_ad: false,
-        };
+        let walker = DmaWalker::native(&PteFormat::EPT4, false);
         let t = walker
             .translate(arena, pa, Iova(0x5000), Access::Write)
             .unwrap();
@@ -607,4 +601,87 @@ fn every_shipped_scenario_runs_in_every_mode() {
     }
     names.sort();
     assert_eq!(names, ["amd-npt", "boot-8g", "migration", "refused"]);
+}
+
+#[test]
+fn smm_touches_never_pin_and_a_deletion_after_them_succeeds() {
+    for mode in [
+        ShareMode::PinPrepopulate,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ] {
+        with_vm(mode, config(), vtd(), |vm, sink, _| {
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine.add_slot(slot(1, 1 << 31, 64 << 20)).unwrap();
+            vm.engine.request_sharing(&vtd()).unwrap();
+            // vCPU 0 in SMM touches pinned memory: the SMM root gets leaves, never pinned
+            // ones; the slot is deleted while the SMM root is still in use.
+            vm.engine.smm(0, true).unwrap();
+            vm.touch(0, Gpa(1 << 31), 4 << 20, true).unwrap();
+            sink.take();
+            vm.engine.delete_slot(0, 1).unwrap();
+            vm.engine.smm(0, false).unwrap();
+            assert_eq!(vm.engine.pinner().pinned_pages(), 1 << 18, "{mode}");
+            let events = sink.take();
+            let flush = events
+                .iter()
+                .position(|e| matches!(e.kind, EventKind::IotlbFlush { .. }));
+            let unpin = events
+                .iter()
+                .position(|e| matches!(e.kind, EventKind::Unpin { .. }));
+            assert!(
+                flush.is_some() && flush < unpin,
+                "{mode}: flush before unpin"
+            );
+            assert!(!vm.dma_reaches(Gpa(1 << 31)), "{mode}");
+            assert_eq!(vm.verify_pinned_dma(), 0, "{mode}");
+        });
+    }
+}
+
+#[test]
+fn a_policy_that_cannot_work_is_refused_when_built() {
+    use tdpshare::decision::policy::{Policy, PolicyConflict};
+    let arena = Arena::new(64).unwrap();
+    let iotlb = Iotlb::new(16, CostModel::default());
+    let domain = IommuDomain::new(1, DmaWalker::native(&PteFormat::EPT4, true), &iotlb);
+    let clock = ManualClock::new(0);
+    let parts = Parts::<SimPlatform<'_>> {
+        alloc: &arena,
+        iommu: &domain,
+        pinner: Box::new(ModelledPinner::new(PinCostModel::default(), true)),
+        sink: SharedSink::default(),
+        clock: &clock,
+        timer: MonotonicClock::new(),
+    };
+    // Pinning with the exported root's "zap every leaf" removal would zap every pin of every
+    // slot on one deletion: refused before the VM runs, not met mid-run.
+    let policy = Policy {
+        pins: true,
+        ..ShareMode::ExportedIopf.policy()
+    };
+    let err = SharingVm::with_policy(Vm::new(1, config(), 1), policy, None, parts).unwrap_err();
+    assert_eq!(err, PolicyConflict::PinsWithZapAllLeaves);
+    assert!(err.to_string().contains("cannot go with pinning"));
+}
+
+#[test]
+fn dma_to_emulated_mmio_faults_and_the_cpu_side_caches_it() {
+    for mode in ShareMode::ALL {
+        let mut cfg = config();
+        cfg.device_iopf = true;
+        with_vm(mode, cfg, vtd(), |vm, _, _| {
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine.request_sharing(&vtd()).unwrap();
+            // A vCPU touches emulated MMIO (no slot there): KVM caches an MMIO SPTE.
+            let mmio = Gpa(0xfeb0_0000);
+            vm.touch(0, mmio, 4096, true).unwrap();
+            let root = vm.engine.cpu_root().unwrap();
+            let leaf = vm.engine.cpu_mmu().lookup(root, mmio.gfn()).unwrap();
+            assert!(leaf.is_none(), "{mode}: an MMIO SPTE is no mapping");
+            vm.dma(mmio.iova(), 4096, true, 4096).unwrap();
+            assert_eq!(vm.device.dma_faults, 1, "{mode}");
+            assert_eq!(vm.device.dma_wrong, 0, "{mode}");
+        });
+    }
 }

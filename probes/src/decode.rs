@@ -5,11 +5,12 @@
 
 use std::collections::HashMap;
 
+use tdpshare::decision::format::Layout;
 use tdpshare::event::{
     Event, EventKind, FlushScope, GpaRange, Memslot, PageSize, PrepopCause, Root, RootCause,
     Source, SpteFlags,
 };
-use tdpshare::{Gfn, Gpa, Iova, Level, PteFormat, SlotTracker};
+use tdpshare::{Gfn, Gpa, Iova, Kind, Level, PteFormat, SlotTracker};
 use tdpshare_probes_common::{ProbeId, Record};
 
 use crate::btf::RoleLayout;
@@ -78,14 +79,22 @@ impl Decoder {
         }
     }
 
-    /// EPT on Intel hosts, NPT on AMD ones.
-    pub fn host_spte_format() -> PteFormat {
+    /// The running kernel's SPTE format: EPT on Intel hosts, NPT on AMD ones, in the sharing
+    /// layout when the kernel carries the series (`series`: its tracepoints exist), in 6.12's
+    /// own otherwise (the two put KVM's MMU-present marker in different bits).
+    pub fn host_spte_format(series: bool) -> PteFormat {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        if cpuinfo.contains("AuthenticAMD") || cpuinfo.contains("HygonGenuine") {
-            PteFormat::NPT4
+        let kind = if cpuinfo.contains("AuthenticAMD") || cpuinfo.contains("HygonGenuine") {
+            Kind::Npt
         } else {
-            PteFormat::EPT4
-        }
+            Kind::Ept
+        };
+        let layout = if series {
+            Layout::Sharing
+        } else {
+            Layout::Stock
+        };
+        PteFormat::with_layout(kind, 4, layout).unwrap_or(PteFormat::EPT4)
     }
 
     fn field(&self, id: ProbeId, r: &Record, name: &str) -> Option<u64> {
@@ -589,6 +598,30 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(d.undecodable, 1);
+    }
+
+    #[test]
+    fn a_stock_kernels_sptes_decode_with_its_own_layout() {
+        // kvm_tdp_mmu_spte_changed as the lab recorded it in a 6.12 L1 on NPT: a 4 KiB leaf
+        // with MMU-present in bit 11 (stock), writable, accessed and dirty.
+        let stock = PteFormat::with_layout(Kind::Npt, 4, Layout::Stock).unwrap();
+        let mut d = Decoder::new(decoder().formats, RoleLayout::LINUX_6, stock, 1_000);
+        let r = record(
+            ProbeId::KvmTdpMmuSpteChanged,
+            &[
+                (8, &5u64.to_le_bytes()),
+                (16, &(1u64 << 63).to_le_bytes()),
+                (24, &0x7fde_fe67u64.to_le_bytes()),
+                (32, &[1]),
+            ],
+        );
+        let EventKind::SpteSet { old, new, .. } = d.decode(&r)[0].kind else {
+            panic!()
+        };
+        assert_eq!(
+            (old.to_string(), new.to_string()),
+            ("---------".into(), "prwx-ad--".into())
+        );
     }
 
     #[test]

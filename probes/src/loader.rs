@@ -231,7 +231,15 @@ impl Session {
                 }
             }
         }
-        let decoder = Decoder::new(formats, role, Decoder::host_spte_format(), monotonic_ns());
+        let series = CATALOG
+            .iter()
+            .any(|p| p.kernel == Kernel::Series && present.contains_key(p.program));
+        let decoder = Decoder::new(
+            formats,
+            role,
+            Decoder::host_spte_format(series),
+            monotonic_ns(),
+        );
         let mut session = Session {
             statuses: Vec::new(),
             notes,

@@ -424,6 +424,7 @@ pub fn decision_layer_errors(crate_root: &Path, out: &Path) -> anyhow::Result<Op
     let rustc = Command::new("rustc")
         .args(&args)
         .env("RUSTC_BOOTSTRAP", "1")
+        .env_remove("CARGO_PKG_RUST_VERSION")
         .output()
         .context("running rustc")?;
     if !rustc.status.success() {
@@ -439,6 +440,7 @@ pub fn decision_layer_errors(crate_root: &Path, out: &Path) -> anyhow::Result<Op
         .args(&args)
         .args(KERNEL_CLIPPY)
         .env("RUSTC_BOOTSTRAP", "1")
+        .env_remove("CARGO_PKG_RUST_VERSION")
         .env("CLIPPY_CONF_DIR", &conf)
         .output()
         .context("running clippy-driver (rustup component clippy)")?;

@@ -7,7 +7,7 @@ use core::fmt;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ReasonList<T: Copy, const N: usize> {
     items: [Option<T>; N],
-    len: usize,
+    len: u8,
 }
 
 impl<T: Copy, const N: usize> ReasonList<T, N> {
@@ -22,7 +22,7 @@ impl<T: Copy, const N: usize> ReasonList<T, N> {
     /// Appends `item`; returns `false` (and drops it) when the list is full. Lists are sized
     /// for every reason their producer can give, so that does not happen.
     pub fn push(&mut self, item: T) -> bool {
-        match self.items.get_mut(self.len) {
+        match self.items.get_mut(usize::from(self.len)) {
             Some(slot) => {
                 *slot = Some(item);
                 self.len = self.len.saturating_add(1);
@@ -34,7 +34,7 @@ impl<T: Copy, const N: usize> ReasonList<T, N> {
 
     /// Items held.
     pub const fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     /// No item.

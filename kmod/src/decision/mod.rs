@@ -28,6 +28,7 @@
 pub mod addr;
 pub mod caps;
 pub mod format;
+pub mod iommu;
 pub mod list;
 pub mod policy;
 pub mod prereq;

@@ -180,7 +180,43 @@ pub struct Policy {
     pub split_for_dirty_logging: bool,
 }
 
+/// Two decisions of a policy that cannot work together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyConflict {
+    /// Zapping every leaf on a memslot deletion would take the pins of every other slot away
+    /// from a device that cannot fault them back.
+    PinsWithZapAllLeaves,
+    /// New roots are pre-populated with pinned memory, but nothing is pinned.
+    PrepopulateWithoutPins,
+}
+
+impl fmt::Display for PolicyConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyConflict::PinsWithZapAllLeaves => {
+                "a memslot removal that zaps every leaf cannot go with pinning: the other slots' \
+                 pinned leaves would go too, and their device takes no IO page faults"
+            }
+            PolicyConflict::PrepopulateWithoutPins => {
+                "pre-populating new roots needs pinned memory to pre-populate"
+            }
+        })
+    }
+}
+
 impl Policy {
+    /// Checks that the policy's decisions can work together; a policy is checked when it is
+    /// built (every constant here is), not discovered mid-run.
+    pub const fn validate(&self) -> Result<(), PolicyConflict> {
+        if self.pins && matches!(self.removal, Removal::ZapAllLeaves) {
+            return Err(PolicyConflict::PinsWithZapAllLeaves);
+        }
+        if self.prepopulate_new_roots && !self.pins {
+            return Err(PolicyConflict::PrepopulateWithoutPins);
+        }
+        Ok(())
+    }
+
     /// How dirty pages are found by default: the dirty bits hardware sets when DMA memory is
     /// pinned (a write-protected page would fault the device), write-protection otherwise.
     pub const fn default_dirty_tracking(&self) -> DirtyTracking {
@@ -191,6 +227,12 @@ impl Policy {
         }
     }
 }
+
+// Every design's policy is a valid one.
+const _: () = assert!(PIN_PREPOPULATE.validate().is_ok());
+const _: () = assert!(EXPORTED_IOPF.validate().is_ok());
+const _: () = assert!(SEPARATE_TABLE.validate().is_ok());
+const _: () = assert!(OPTIMIZED.validate().is_ok());
 
 /// The 2021 design: pin all user memory at memslot add, pre-populate every new root, notify
 /// root updates, flush the IOTLB on root and content updates.
@@ -267,6 +309,30 @@ mod tests {
         assert_eq!("pinXprepopulate".parse::<ShareMode>(), Err(UnknownMode));
         for d in DirtyTracking::ALL {
             assert_eq!(d.name().parse(), Ok(d));
+        }
+    }
+
+    #[test]
+    fn conflicting_policies_are_refused_when_built() {
+        let zap_all_with_pins = Policy {
+            pins: true,
+            ..EXPORTED_IOPF
+        };
+        assert_eq!(
+            zap_all_with_pins.validate(),
+            Err(PolicyConflict::PinsWithZapAllLeaves)
+        );
+        let prepopulate_nothing = Policy {
+            pins: false,
+            removal: Removal::ZapSlot,
+            ..OPTIMIZED
+        };
+        assert_eq!(
+            prepopulate_nothing.validate(),
+            Err(PolicyConflict::PrepopulateWithoutPins)
+        );
+        for mode in ShareMode::ALL {
+            assert_eq!(mode.policy().validate(), Ok(()));
         }
     }
 }

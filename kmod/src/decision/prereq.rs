@@ -6,6 +6,7 @@ use core::fmt;
 use core::str::FromStr;
 
 use super::caps::{self, IommuCaps, KvmCaps, Shared};
+use super::format::Layout;
 use super::policy::{Policy, ShareMode};
 
 /// How the guest sees an IOMMU, if at all.
@@ -257,6 +258,8 @@ pub fn separate_table_caps(iommu: &IommuCaps, kvm: &KvmCaps) -> KvmCaps {
         kind,
         levels: iommu.walks.levels(kind).max().unwrap_or(kvm.levels),
         max_huge_level: kvm.max_huge_level,
+        // KVM builds the separate table in the layout that sharing needs.
+        layout: Layout::Sharing,
     }
 }
 
@@ -310,7 +313,7 @@ pub fn check(policy: &Policy, facts: &VmFacts, iommu: &IommuCaps) -> Result<Shar
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::decision::format::{Kind, PteFormat};
@@ -325,6 +328,7 @@ mod tests {
                 kind: Kind::Ept,
                 levels: 4,
                 max_huge_level: 3,
+                layout: crate::decision::format::Layout::Sharing,
             },
             device_iopf: false,
             noncoherent_dma: false,

@@ -245,7 +245,7 @@ impl SpteFlags {
             if e & format.dirty != 0 {
                 f = f | SpteFlags::DIRTY;
             }
-            if format.snp != 0 && e & format.snp != 0 {
+            if format.attrs(e).snoop {
                 f = f | SpteFlags::SNOOP;
             }
             if format.is_pinned(e) {

@@ -8,7 +8,7 @@ use serde::de::{Error, Unexpected};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::decision::addr::{Gfn, Gpa, Hpa, Iova, PageSize};
-use crate::decision::format::Kind;
+use crate::decision::format::{Kind, Layout};
 use crate::decision::policy::{DirtyTracking, ShareMode};
 use crate::decision::prereq::VIommu;
 
@@ -50,6 +50,7 @@ by_name! {
     ShareMode => "a sharing mode: pin_prepopulate, exported_iopf, separate_table or optimized",
     PageSize => "a page size: 4K, 2M or 1G",
     Kind => "a format kind: ept or npt",
+    Layout => "an SPTE layout: stock or sharing",
     VIommu => "a vIOMMU: none, nested or shadow",
     DirtyTracking => "dirty tracking: write_protect, report_all_pinned or dirty_bits",
 }

@@ -81,11 +81,14 @@ impl<'a> IommuDomain<'a> {
         }
         self.stats.walks.fetch_add(1, Ordering::Relaxed);
         let generation = self.iotlb.generation();
+        // The root is read inside the read-side section: a root switched away from and freed
+        // meanwhile stays readable until the walk ends.
+        let _section = alloc.read_lock();
         let Some(root) = self.root() else {
             self.stats.faults.fetch_add(1, Ordering::Relaxed);
             return Err(DmaFault::NoRoot { iova });
         };
-        match self.walker.translate(alloc, root, iova, access) {
+        match self.walker.translate_locked(alloc, root, iova, access) {
             Ok(t) => {
                 self.iotlb
                     .fill(generation, IotlbEntry::new(self.id, iova, t));
@@ -129,11 +132,7 @@ mod tests {
         )
         .unwrap();
         let tlb = Iotlb::new(64, CostModel::default());
-        let w = DmaWalker {
-            format: PteFormat::EPT4,
-            max_leaf_level: Level::L3,
-            set_ad: false,
-        };
+        let w = DmaWalker::native(&PteFormat::EPT4, false);
         let d = IommuDomain::new(3, w, &tlb);
         assert_eq!(
             d.dma(&arena, Iova(0), Access::Read),

@@ -8,7 +8,8 @@ use core::fmt;
 use core::sync::atomic::Ordering;
 
 use crate::decision::addr::{Hpa, Iova, Level, PageSize};
-use crate::decision::format::{Perms, PteFormat};
+use crate::decision::format::{Kind, Perms, PteFormat};
+use crate::decision::iommu::{IommuFormat, IommuMode};
 use crate::table::page_alloc::PageAllocator;
 
 /// The direction of a DMA.
@@ -85,28 +86,111 @@ impl fmt::Display for DmaFault {
     }
 }
 
-/// The hardware page walker of one IOMMU configuration.
+/// The hardware page walker of one IOMMU configuration: it reads KVM's entries by the IOMMU's
+/// own rules ([`IommuFormat`]), not by KVM's.
 #[derive(Debug, Clone, Copy)]
 pub struct DmaWalker {
-    pub format: PteFormat,
+    /// How the IOMMU reads entries.
+    pub rules: IommuFormat,
+    /// The level of the root it is pointed at (4 or 5).
+    pub levels: Level,
     /// Largest leaf level the IOMMU accepts (superpage support).
     pub max_leaf_level: Level,
-    /// The IOMMU sets accessed/dirty bits on use (VT-d SLADE, AMD HA/HD).
-    pub set_ad: bool,
 }
 
 impl DmaWalker {
-    /// What the IOMMU treats as present: VT-d second-level has no present bit (R or W), the
-    /// x86-64 format has P.
-    const fn present_mask(&self) -> u64 {
-        if self.format.present != 0 {
-            self.format.present
-        } else {
-            self.format.read | self.format.write
+    /// The walker of the IOMMU that natively walks `format`'s kind — VT-d second-level
+    /// (scalable mode, snoop control) for EPT, AMD v2 for NPT — with A/D updates if `ad`.
+    pub const fn native(format: &PteFormat, ad: bool) -> DmaWalker {
+        let rules = match format.kind {
+            Kind::Ept => IommuFormat::vtd(48, IommuMode::VtdScalable, true, ad),
+            Kind::Npt => IommuFormat::amd_v2(52, ad),
+        };
+        DmaWalker {
+            rules,
+            levels: format.levels,
+            max_leaf_level: format.max_huge_level,
         }
     }
 
-    /// Translates `iova` for `access` by walking the table at `root`.
+    /// One past the highest IOVA frame the walk reaches.
+    const fn gfn_limit(&self) -> u64 {
+        self.levels.table_frames()
+    }
+
+    /// Translates `iova` for `access` by walking the table at `root`. Locking rule: the caller
+    /// holds the allocator's read-side section (see [`DmaWalker::translate`]).
+    pub fn translate_locked<A: PageAllocator>(
+        &self,
+        alloc: &A,
+        root: Hpa,
+        iova: Iova,
+        access: Access,
+    ) -> Result<Translation, DmaFault> {
+        let r = &self.rules;
+        let gfn = iova.gfn();
+        if gfn.0 >= self.gfn_limit() {
+            return Err(DmaFault::AddressWidth { iova });
+        }
+        let mut table_pa = root;
+        let mut level = self.levels;
+        loop {
+            let table = alloc
+                .table(table_pa)
+                .ok_or(DmaFault::BadTable { iova, level })?;
+            let sptep = &table[level.index(gfn)];
+            let e = sptep.load(Ordering::Acquire);
+            if !r.is_present(e) {
+                return Err(DmaFault::NotPresent { iova, level });
+            }
+            // Rights first, then reserved bits (the order QEMU's VT-d checks them in).
+            if !r.perms(e).contains(access.needs()) {
+                return Err(DmaFault::Permission { iova, access });
+            }
+            let leaf = r.is_leaf(e, level);
+            if e & r.reserved(level, leaf) != 0 {
+                return Err(DmaFault::Reserved { iova, level });
+            }
+            if r.user != 0 && e & r.user == 0 {
+                // x86-64 format: device requests are user-mode accesses.
+                return Err(DmaFault::Permission { iova, access });
+            }
+            if r.sets_ad() {
+                let want = r.accessed
+                    | if leaf && access == Access::Write {
+                        r.dirty
+                    } else {
+                        0
+                    };
+                if e & want != want {
+                    sptep.fetch_or(want, Ordering::AcqRel);
+                }
+            }
+            if !leaf {
+                match level.down() {
+                    Some(below) => {
+                        table_pa = r.addr(e);
+                        level = below;
+                        continue;
+                    }
+                    None => return Err(DmaFault::Reserved { iova, level }),
+                }
+            }
+            let page_size = match level.page_size() {
+                Some(size) if level <= self.max_leaf_level => size,
+                _ => return Err(DmaFault::Reserved { iova, level }),
+            };
+            return Ok(Translation {
+                hpa: r.addr(e) + (iova.0 & (level.size() - 1)),
+                page_size,
+                perms: r.perms(e),
+                snoop: r.snp_in_leaves && e & r.snp != 0,
+            });
+        }
+    }
+
+    /// Translates `iova` for `access` by walking the table at `root`, in a read-side section of
+    /// the allocator of its own.
     pub fn translate<A: PageAllocator>(
         &self,
         alloc: &A,
@@ -114,71 +198,8 @@ impl DmaWalker {
         iova: Iova,
         access: Access,
     ) -> Result<Translation, DmaFault> {
-        let f = &self.format;
-        let gfn = iova.gfn();
-        if gfn >= f.gfn_limit() {
-            return Err(DmaFault::AddressWidth { iova });
-        }
         let _section = alloc.read_lock();
-        let mut table_pa = root;
-        let mut level = f.levels;
-        loop {
-            let table = alloc
-                .table(table_pa)
-                .ok_or(DmaFault::BadTable { iova, level })?;
-            let sptep = &table[level.index(gfn)];
-            let e = sptep.load(Ordering::Acquire);
-            if e & self.present_mask() == 0 {
-                return Err(DmaFault::NotPresent { iova, level });
-            }
-            if f.user != 0 && e & f.user == 0 {
-                // x86-64 format: device requests are user-mode accesses.
-                return Err(DmaFault::Permission { iova, access });
-            }
-            let below = match level.down() {
-                Some(below) if e & f.huge == 0 => below,
-                _ => {
-                    return self.leaf(sptep, e, level, iova, access);
-                }
-            };
-            table_pa = f.addr(e);
-            level = below;
-        }
-    }
-
-    fn leaf(
-        &self,
-        sptep: &core::sync::atomic::AtomicU64,
-        e: u64,
-        level: Level,
-        iova: Iova,
-        access: Access,
-    ) -> Result<Translation, DmaFault> {
-        let f = &self.format;
-        let page_size = match level.page_size() {
-            Some(size) if level <= self.max_leaf_level => size,
-            _ => return Err(DmaFault::Reserved { iova, level }),
-        };
-        let base = f.addr(e);
-        if !base.is_aligned(level.size()) {
-            return Err(DmaFault::Reserved { iova, level });
-        }
-        let perms = f.perms(e);
-        if !perms.contains(access.needs()) {
-            return Err(DmaFault::Permission { iova, access });
-        }
-        if self.set_ad {
-            let want = f.accessed | if access == Access::Write { f.dirty } else { 0 };
-            if e & want != want {
-                sptep.fetch_or(want, Ordering::AcqRel);
-            }
-        }
-        Ok(Translation {
-            hpa: base + (iova.0 & (level.size() - 1)),
-            page_size,
-            perms,
-            snoop: f.snp != 0 && e & f.snp != 0,
-        })
+        self.translate_locked(alloc, root, iova, access)
     }
 }
 
@@ -246,11 +267,7 @@ mod tests {
             let arena = Arena::new(32).unwrap();
             let (m, r) = setup(&arena, format);
             let root = m.root(r).unwrap().pa;
-            let w = DmaWalker {
-                format,
-                max_leaf_level: Level::L3,
-                set_ad: false,
-            };
+            let w = DmaWalker::native(&format, false);
             let t = w
                 .translate(&arena, root, Iova(0x1f_f123), Access::Write)
                 .unwrap();
@@ -258,8 +275,8 @@ mod tests {
             assert_eq!(t.page_size, PageSize::Size2M);
             assert_eq!(
                 t.snoop,
-                format.snp != 0,
-                "{format}: SNP only where the format has it"
+                format.kind == Kind::Ept,
+                "{format}: SNP only where the IOMMU has it"
             );
             let t = w
                 .translate(&arena, root, Iova((1 << 30) + 0x1234_5678), Access::Read)
@@ -310,9 +327,8 @@ mod tests {
         let arena = Arena::new(32).unwrap();
         let (m, r) = setup(&arena, PteFormat::EPT4);
         let w = DmaWalker {
-            format: PteFormat::EPT4,
             max_leaf_level: Level::L2,
-            set_ad: false,
+            ..DmaWalker::native(&PteFormat::EPT4, false)
         };
         let root = m.root(r).unwrap().pa;
         assert_eq!(
@@ -328,11 +344,7 @@ mod tests {
     fn accessed_and_dirty_are_set_on_use() {
         let arena = Arena::new(32).unwrap();
         let (m, r) = setup(&arena, PteFormat::EPT4);
-        let w = DmaWalker {
-            format: PteFormat::EPT4,
-            max_leaf_level: Level::L3,
-            set_ad: true,
-        };
+        let w = DmaWalker::native(&PteFormat::EPT4, true);
         let root = m.root(r).unwrap().pa;
         w.translate(&arena, root, Iova(0x1000), Access::Write)
             .unwrap();
@@ -349,5 +361,98 @@ mod tests {
             flags
         );
         assert_ne!(pde & PteFormat::EPT4.dirty, 0);
+    }
+
+    #[test]
+    fn reserved_bits_fault_as_the_hardware_does() {
+        use crate::decision::caps::IommuCaps;
+        use crate::decision::format::{Kind, Layout};
+        // Linux 6.12's own NPT entries, walked by QEMU's VT-d: MMU-present is bit 11, which
+        // VT-d reserves in non-leaf entries — the walk fails at level 4 (what the lab saw).
+        let qemu = |snoop| DmaWalker {
+            rules: IommuCaps::qemu_vtd(false, snoop).format(),
+            levels: Level::L4,
+            max_leaf_level: Level::L3,
+        };
+        for (layout, want) in [
+            (
+                Layout::Stock,
+                Err(DmaFault::Reserved {
+                    iova: Iova(0x1234),
+                    level: Level::L4,
+                }),
+            ),
+            (Layout::Sharing, Ok(Hpa(G + 0x1234))),
+        ] {
+            let format = PteFormat::with_layout(Kind::Npt, 4, layout).unwrap();
+            let arena = Arena::new(32).unwrap();
+            let (m, r) = setup(&arena, format);
+            let root = m.root(r).unwrap().pa;
+            let got = qemu(true)
+                .translate(&arena, root, Iova(0x1234), Access::Read)
+                .map(|t| t.hpa);
+            assert_eq!(got, want, "{format}");
+        }
+        // SNP in a leaf is reserved on a legacy unit without snoop control.
+        let arena = Arena::new(32).unwrap();
+        let (m, r) = setup(&arena, PteFormat::EPT4);
+        let root = m.root(r).unwrap().pa;
+        assert_eq!(
+            qemu(false).translate(&arena, root, Iova(0x1000), Access::Read),
+            Err(DmaFault::Reserved {
+                iova: Iova(0x1000),
+                level: Level::L2
+            })
+        );
+        assert!(
+            qemu(true)
+                .translate(&arena, root, Iova(0x1000), Access::Read)
+                .unwrap()
+                .snoop
+        );
+    }
+
+    #[test]
+    fn emulated_mmio_is_never_a_dma_target() {
+        use crate::decision::format::{Kind, Layout};
+        let mmio = Gfn(0xfeb00);
+        // 6.12's EPT MMIO SPTEs are write+execute (an EPT misconfiguration for the CPU): with
+        // them, VT-d would write to the guest physical address the SPTE holds.
+        let stock_mmio = PteFormat {
+            mmio: PteFormat::with_layout(Kind::Ept, 4, Layout::Stock)
+                .unwrap()
+                .mmio,
+            ..PteFormat::EPT4
+        };
+        for (format, dma_reaches_it) in [
+            (stock_mmio, true),
+            (PteFormat::EPT4, false),
+            (PteFormat::NPT4, false),
+        ] {
+            let arena = Arena::new(32).unwrap();
+            let mut m = TdpMmu::new(&arena, format, NullSink, ManualClock::new(0), 1);
+            let r = m.alloc_root(false, RootCause::Initial).unwrap();
+            let cached = m.map_mmio(r, mmio, 42).unwrap();
+            assert_eq!(cached, format.mmio.is_some(), "{format}");
+            m.check_well_formed(r).unwrap();
+            let got = DmaWalker::native(&format, false).translate(
+                &arena,
+                m.root(r).unwrap().pa,
+                mmio.iova(),
+                Access::Write,
+            );
+            if dma_reaches_it {
+                assert_eq!(got.map(|t| t.hpa), Ok(Hpa(mmio.gpa().0)), "{format}");
+            } else {
+                assert_eq!(
+                    got,
+                    Err(DmaFault::NotPresent {
+                        iova: mmio.iova(),
+                        level: if cached { Level::L1 } else { Level::L4 }
+                    }),
+                    "{format}"
+                );
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use core::fmt;
 use crate::decision::addr::{Gfn, Hpa, Iova, Level};
 use crate::decision::caps::{IommuCaps, Shared};
 use crate::decision::format::{LeafAttrs, MEMTYPE_WB, Perms};
-use crate::decision::policy::{DirtyTracking, Policy, ShareMode};
+use crate::decision::policy::{DirtyTracking, Policy, PolicyConflict, ShareMode};
 use crate::decision::prereq::Refusal;
 use crate::event::clock::Clock;
 use crate::event::{
@@ -126,6 +126,8 @@ pub struct SharingVm<P: Platform> {
     /// Guest frames written since the last dirty-log harvest (write-protection tracking).
     pub(crate) dirty_frames: BTreeSet<Gfn>,
     pub(crate) fast_zap_generation: u64,
+    /// KVM's memslots generation: every memslot change moves it (MMIO SPTEs carry it).
+    pub(crate) memslot_generation: u64,
     next_handle: u64,
     pub totals: Totals,
 }
@@ -145,6 +147,22 @@ impl<P: Platform> SharingVm<P> {
     /// A VM sharing (once requested) in `mode`, whose DMA goes through the platform's IOMMU
     /// domain, initially on the IOMMU's own table at `fallback_root`.
     pub fn new(vm: Vm, mode: ShareMode, fallback_root: Option<Hpa>, parts: Parts<P>) -> Self {
+        Self::build(vm, mode.policy(), fallback_root, parts)
+    }
+
+    /// A VM sharing under a policy of its own; refused, before anything runs, when the
+    /// policy's decisions cannot work together.
+    pub fn with_policy(
+        vm: Vm,
+        policy: Policy,
+        fallback_root: Option<Hpa>,
+        parts: Parts<P>,
+    ) -> Result<Self, PolicyConflict> {
+        policy.validate()?;
+        Ok(Self::build(vm, policy, fallback_root, parts))
+    }
+
+    fn build(vm: Vm, policy: Policy, fallback_root: Option<Hpa>, parts: Parts<P>) -> Self {
         let Parts {
             alloc,
             iommu,
@@ -163,7 +181,6 @@ impl<P: Platform> SharingVm<P> {
         if fallback_root.is_some() {
             iommu.switch_root(fallback_root);
         }
-        let policy = mode.policy();
         Self {
             vm,
             policy,
@@ -183,6 +200,7 @@ impl<P: Platform> SharingVm<P> {
             dirty_tracking: policy.default_dirty_tracking(),
             dirty_frames: BTreeSet::new(),
             fast_zap_generation: 0,
+            memslot_generation: 0,
             next_handle: 1,
             totals: Totals::default(),
         }
@@ -233,6 +251,14 @@ impl<P: Platform> SharingVm<P> {
         if tracking == DirtyTracking::WriteProtect && self.policy.pins && self.is_sharing() {
             return Err(SharingError::State(
                 "write-protection dirty logging needs IO page faults: a pinned device would fault",
+            ));
+        }
+        if tracking == DirtyTracking::DirtyBits
+            && self.policy.pins
+            && self.shared().is_some_and(|s| !s.iommu_ad)
+        {
+            return Err(SharingError::State(
+                "dirty-bit tracking needs an IOMMU that sets KVM's dirty bits; this one sets none",
             ));
         }
         self.dirty_tracking = tracking;
@@ -340,7 +366,7 @@ impl<P: Platform> SharingVm<P> {
 
     /// The root-update notification: the IOMMU walks `root` from now on.
     fn notify_root(&mut self, root: RootId, pa: Hpa, cause: RootCause) {
-        let level = self.iommu.format().levels.get();
+        let level = self.iommu.levels().get();
         self.emit(EventKind::RootSwitch(RootEvent {
             root: root.0,
             level,
@@ -514,8 +540,13 @@ impl<P: Platform> SharingVm<P> {
                 mmu.map(*root, &Self::private_mapping(&slot, LeafAttrs::default()))?;
             }
         }
-        // The IOMMU's walker must use the negotiated format and superpages.
-        debug_assert_eq!(self.iommu.format(), shared.format);
+        // The IOMMU's walker starts at the root's level.
+        debug_assert_eq!(self.iommu.levels(), shared.format.levels);
+        // An IOMMU that sets no dirty bits in KVM's entries cannot report what DMA wrote: every
+        // pinned page counts as dirty.
+        if self.policy.pins && !shared.iommu_ad && self.dirty_tracking == DirtyTracking::DirtyBits {
+            self.dirty_tracking = DirtyTracking::ReportAllPinned;
+        }
         self.notify_root(root, pa, RootCause::Initial);
         Ok(())
     }

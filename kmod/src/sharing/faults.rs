@@ -87,7 +87,9 @@ impl<P: Platform> SharingVm<P> {
             .or_else(|| self.vm.slot_of(0, gfn))
             .copied();
         let (base_gfn, frames, hpa, max_level, perms, pinned) = if let Some(s) = slot {
-            let pinned = self.pinned.contains_key(&(s.as_id, s.id)) && self.policy.shares_cpu_root;
+            // Pinned leaves live only where the IOMMU walks: never in the SMM root.
+            let pinned =
+                self.pinned.contains_key(&(s.as_id, s.id)) && self.policy.shares_cpu_root && !smm;
             (
                 s.gfn(),
                 s.frames(),
@@ -106,6 +108,8 @@ impl<P: Platform> SharingVm<P> {
                 false,
             )
         } else {
+            // Emulated MMIO: KVM caches an MMIO SPTE where the layout has them, and emulates.
+            self.cpu.map_mmio(root, gfn, self.memslot_generation)?;
             return Ok(false);
         };
         let end = base_gfn + frames;

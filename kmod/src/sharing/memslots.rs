@@ -13,9 +13,16 @@ use crate::sharing::vm::{Memslot, MmioRange, PrivateKind, SlotError, SlotKind};
 use crate::table::mmu::Mapping;
 
 impl<P: Platform> SharingVm<P> {
+    /// The memslots changed: a new generation (KVM adds 2 per update; the in-progress bit is
+    /// not modelled), so cached MMIO SPTEs of older generations no longer hit.
+    fn memslots_changed(&mut self) {
+        self.memslot_generation = self.memslot_generation.wrapping_add(2);
+    }
+
     /// `KVM_SET_USER_MEMORY_REGION` creating `slot`.
     pub fn add_slot(&mut self, slot: Memslot) -> Result<(), SharingError> {
         self.vm.add_slot(slot)?;
+        self.memslots_changed();
         self.emit(EventKind::MemslotAdd(slot.event()));
         if self.session.is_some() && self.policy.pins && slot.is_user_memory() {
             self.pin_slot(&slot)?;
@@ -75,6 +82,7 @@ impl<P: Platform> SharingVm<P> {
     /// `KVM_SET_USER_MEMORY_REGION` deleting a slot.
     pub fn delete_slot(&mut self, as_id: u8, id: u16) -> Result<(), SharingError> {
         let slot = self.vm.remove_slot(as_id, id)?;
+        self.memslots_changed();
         self.emit(EventKind::MemslotDelete(slot.event()));
         self.slot_removed(&slot)?;
         self.finish_op();
@@ -89,6 +97,7 @@ impl<P: Platform> SharingVm<P> {
             self.vm.add_slot(old)?;
             return Err(e.into());
         }
+        self.memslots_changed();
         self.emit(EventKind::MemslotMove {
             old_gpa: old.gpa,
             slot: moved.event(),
@@ -157,6 +166,7 @@ impl<P: Platform> SharingVm<P> {
             .slot(as_id, id)
             .ok_or(SlotError::NoSuchSlot { as_id, slot: id })?;
         let slot = self.vm.set_slot_flags(as_id, id, flags)?;
+        self.memslots_changed();
         self.emit(EventKind::MemslotFlags {
             old_flags: old.flags,
             slot: slot.event(),

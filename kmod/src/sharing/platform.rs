@@ -4,8 +4,7 @@
 //! `alloc_page`/RCU, the VT-d driver, `pin_user_pages`, tracepoints and `ktime_get_ns`; the
 //! simulator provides userspace fakes (`crate::sim::platform`), kept apart from the engine.
 
-use crate::decision::addr::Hpa;
-use crate::decision::format::PteFormat;
+use crate::decision::addr::{Hpa, Level};
 use crate::event::EventSink;
 use crate::event::clock::Clock;
 use crate::iommu::domain::IommuDomain;
@@ -56,8 +55,8 @@ impl<P: Platform> core::fmt::Debug for Parts<P> {
 pub trait IommuDriver {
     /// The domain the assigned device is in.
     fn domain_id(&self) -> u16;
-    /// The format the IOMMU's walker uses for this domain.
-    fn format(&self) -> PteFormat;
+    /// The level of the roots the IOMMU walks for this domain.
+    fn levels(&self) -> Level;
     /// Root update: walk `root` from now on (`None`: no table, every DMA faults), dropping every
     /// cached translation of the domain.
     fn switch_root(&self, root: Option<Hpa>) -> FlushOutcome;
@@ -69,8 +68,8 @@ impl IommuDriver for &IommuDomain<'_> {
     fn domain_id(&self) -> u16 {
         self.id
     }
-    fn format(&self) -> PteFormat {
-        self.walker().format
+    fn levels(&self) -> Level {
+        self.walker().levels
     }
     fn switch_root(&self, root: Option<Hpa>) -> FlushOutcome {
         self.set_root(root)

@@ -325,6 +325,7 @@ pub(crate) mod tests {
                 kind: Kind::Ept,
                 levels: 4,
                 max_huge_level: 3,
+                layout: crate::decision::format::Layout::Sharing,
             },
             huge_pages: true,
             device_iopf: false,

@@ -4,7 +4,7 @@
 //! (reporting its faults to the engine). The engine decides; the machine only plays hardware
 //! against it and counts what the device saw.
 
-use crate::decision::addr::{Gpa, Hpa, Iova, Level, PAGE_SIZE};
+use crate::decision::addr::{Gpa, Hpa, Iova, PAGE_SIZE};
 use crate::iommu::domain::IommuDomain;
 use crate::iommu::walker::{Access, DmaFault, DmaWalker};
 use crate::sharing::engine::{SharingError, SharingVm};
@@ -66,11 +66,8 @@ impl<'a, P: Platform> Machine<'a, P> {
         write: bool,
     ) -> Result<(), SharingError> {
         let root = self.engine.vcpu_root(vcpu)?;
-        let walker = DmaWalker {
-            format: self.engine.cpu_mmu().format(),
-            max_leaf_level: Level::L3,
-            set_ad: true,
-        };
+        // The CPU's walk, as the IOMMU that natively walks KVM's format would do it.
+        let walker = DmaWalker::native(&self.engine.cpu_mmu().format(), true);
         let access = Access::of(write);
         let end = gpa.0.saturating_add(size);
         let mut at = gpa.align_down(PAGE_SIZE);

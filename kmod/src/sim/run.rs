@@ -1,7 +1,7 @@
 //! Running a scenario in one mode.
 
+use crate::decision::addr::Level;
 use crate::decision::caps::IommuCaps;
-use crate::decision::format::PteFormat;
 use crate::decision::policy::{DirtyTracking, ShareMode};
 use crate::event::clock::{Clock, ManualClock, MonotonicClock};
 use crate::event::stats::VmStats;
@@ -42,7 +42,7 @@ pub enum SimError {
         at_us: u64,
         action: &'static str,
         #[source]
-        source: SharingError,
+        source: Box<SharingError>,
     },
 }
 
@@ -91,21 +91,26 @@ pub fn run_mode(
     let arena =
         Arena::new(ARENA_PAGES).ok_or_else(|| setup("cannot reserve table memory".into()))?;
     let iotlb = Iotlb::new(scenario.iommu.iotlb_entries, CostModel::default());
-    // The IOMMU walks the negotiated format; where the handshake will refuse, KVM's own.
+    // The IOMMU walks KVM's root by its own rules; its A/D tracking stays off where its bits
+    // are not KVM's (the handshake says).
     let probe = Vm::new(vm_id, config, scenario.vm.vcpus);
-    let format = handshake::check(&share_mode.policy(), &probe, &caps).map_or_else(
-        |_| PteFormat::of(config.kvm.kind, config.kvm.levels).unwrap_or(PteFormat::EPT4),
-        |s| s.format,
-    );
+    let (levels, iommu_ad) = match handshake::check(&share_mode.policy(), &probe, &caps) {
+        Ok(s) => (s.format.levels, s.iommu_ad),
+        Err(_) => (Level::new(config.kvm.levels).unwrap_or(Level::L4), false),
+    };
     let walker = DmaWalker {
-        format,
+        rules: IommuCaps {
+            dirty_tracking: iommu_ad,
+            ..caps
+        }
+        .format(),
+        levels,
         max_leaf_level: caps.max_leaf_level(),
-        set_ad: true,
     };
     let domain = IommuDomain::new(1, walker, &iotlb);
     // The IOMMU's own (empty) table before sharing and after it stops.
     let fallback = arena
-        .alloc_table()
+        .alloc_table(0)
         .ok_or_else(|| setup("cannot allocate the fallback table".into()))?;
     let pinner: Box<dyn Pinner> = if opts.real_memory {
         Box::new(RealMemoryPinner::new())
@@ -153,7 +158,7 @@ pub fn run_mode(
                     step: i + 1,
                     at_us: step.at_us,
                     action: step.action.name(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         }

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::decision::addr::{Gpa, Hpa, Iova, PAGE_MASK};
 use crate::decision::caps::{IommuCaps, KvmCaps};
-use crate::decision::format::Kind;
+use crate::decision::format::{Kind, Layout};
+use crate::decision::iommu::IommuMode;
 use crate::decision::policy::{DirtyTracking, ShareMode};
 use crate::decision::prereq::VIommu;
 use crate::event::{Event, EventKind, VmId};
@@ -94,6 +95,8 @@ pub struct VmSpec {
     pub format: Kind,
     pub levels: u8,
     pub max_huge_level: u8,
+    /// KVM's SPTE layout: `sharing` (a kernel with the series) or `stock` (6.12 as shipped).
+    pub spte_layout: Layout,
     pub device_iopf: bool,
     pub noncoherent_dma: bool,
 }
@@ -109,6 +112,7 @@ impl Default for VmSpec {
             format: Kind::Ept,
             levels: 4,
             max_huge_level: 3,
+            spte_layout: Layout::Sharing,
             device_iopf: false,
             noncoherent_dma: false,
         }
@@ -125,6 +129,7 @@ impl VmSpec {
                 kind: self.format,
                 levels: self.levels,
                 max_huge_level: self.max_huge_level,
+                layout: self.spte_layout,
             },
             huge_pages: self.huge_pages,
             device_iopf: self.device_iopf,
@@ -141,6 +146,8 @@ pub enum IommuKind {
     Vtd,
     /// AMD IOMMU walking x86-64 (NPT-format) tables (v2).
     Amd,
+    /// QEMU 7.2's emulated VT-d (the lab): 4 levels, no A/D, no page requests; walks NPT too.
+    QemuVtd,
 }
 
 /// The IOMMU.
@@ -149,10 +156,18 @@ pub enum IommuKind {
 pub struct IommuSpec {
     pub kind: IommuKind,
     pub levels: Vec<u8>,
+    /// VT-d: scalable mode (else legacy mode).
+    pub scalable: bool,
+    /// Host address width in bits (default: the kind's own).
+    pub address_width: Option<u8>,
     pub superpage_2m: bool,
     pub superpage_1g: bool,
     pub snoop_control: bool,
     pub coherent_walk: bool,
+    /// It sets A/D bits (VT-d: scalable mode only).
+    pub dirty_tracking: bool,
+    /// It takes page requests (VT-d: scalable mode only).
+    pub page_requests: bool,
     pub iotlb_entries: usize,
 }
 
@@ -161,10 +176,14 @@ impl Default for IommuSpec {
         Self {
             kind: IommuKind::Vtd,
             levels: vec![4, 5],
+            scalable: true,
+            address_width: None,
             superpage_2m: true,
             superpage_1g: true,
             snoop_control: true,
             coherent_walk: true,
+            dirty_tracking: true,
+            page_requests: true,
             iotlb_entries: 4096,
         }
     }
@@ -175,11 +194,26 @@ impl IommuSpec {
         let mut caps = match self.kind {
             IommuKind::Vtd => IommuCaps::vtd(&self.levels, self.superpage_1g),
             IommuKind::Amd => IommuCaps::amd_v2(&self.levels),
+            IommuKind::QemuVtd => IommuCaps::qemu_vtd(self.scalable, self.snoop_control),
         };
+        if caps.mode.is_vtd() {
+            caps.mode = if self.scalable {
+                IommuMode::VtdScalable
+            } else {
+                IommuMode::VtdLegacy
+            };
+        }
+        if let Some(aw) = self.address_width {
+            caps.address_width = aw;
+        }
         caps.superpage_2m = self.superpage_2m;
         caps.superpage_1g = self.superpage_1g;
         caps.snoop_control = self.snoop_control;
         caps.coherent_walk = self.coherent_walk;
+        if self.kind != IommuKind::QemuVtd {
+            caps.dirty_tracking = self.dirty_tracking;
+            caps.page_requests = self.page_requests;
+        }
         caps
     }
 }

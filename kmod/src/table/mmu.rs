@@ -66,6 +66,10 @@ pub enum MmuError {
     PinnedRepoint {
         gfn: Gfn,
     },
+    /// A pinned leaf would lose read or write access, which its device may use at any time.
+    PinnedRights {
+        gfn: Gfn,
+    },
     /// A leaf of another size is in the way (split or zap first).
     Occupied {
         gfn: Gfn,
@@ -106,6 +110,10 @@ impl fmt::Display for MmuError {
             MmuError::PinnedRepoint { gfn } => write!(
                 f,
                 "gfn {gfn} is pinned for DMA and cannot be pointed at another frame"
+            ),
+            MmuError::PinnedRights { gfn } => write!(
+                f,
+                "gfn {gfn} is pinned for DMA and cannot lose read or write access"
             ),
             MmuError::Occupied { gfn, level } => write!(
                 f,
@@ -348,7 +356,10 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
 
     /// Allocates an empty root.
     pub fn alloc_root(&mut self, smm: bool, cause: RootCause) -> Result<RootId, MmuError> {
-        let pa = self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let pa = self
+            .alloc
+            .alloc_table(self.format.nonpresent)
+            .ok_or(MmuError::OutOfMemory)?;
         let info = RootInfo {
             id: RootId(self.next_root),
             pa,
@@ -456,6 +467,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         let end = self.check_range(gfn, frames)?;
         let root_pa = self.root(root)?.pa;
         let leaf_at = |g: Gfn| self.format.leaf(mapping.hpa_of(g), level, perms, attrs);
+        let ad = self.format.ad_bits();
 
         // Check the whole request before changing anything.
         for pos in self.walk(root_pa, level, gfn, end) {
@@ -478,7 +490,10 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                             level: pos.level,
                         });
                     }
-                } else if self.format.is_pinned(pos.old) && pos.old != leaf_at(pos.gfn) {
+                } else if self.format.is_pinned(pos.old) && pos.old & !ad != leaf_at(pos.gfn) & !ad
+                {
+                    // Mapping a pinned leaf to what it is (A/D bits aside: hardware may
+                    // have set them) is no re-point.
                     return Err(MmuError::PinnedRepoint { gfn: pos.gfn });
                 }
             }
@@ -514,7 +529,9 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                     iter.skip_children();
                     child
                 } else {
-                    self.alloc.alloc_table().ok_or(MmuError::OutOfMemory)?
+                    self.alloc
+                        .alloc_table(self.format.nonpresent)
+                        .ok_or(MmuError::OutOfMemory)?
                 };
                 out.tables_allocated += 1;
                 // Release: the child's entries are visible before the link.
@@ -531,7 +548,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                 out.entries += 1;
                 continue;
             }
-            if pos.old == new {
+            if pos.old & !ad == new {
                 continue;
             }
             if self.format.is_present(pos.old) {
@@ -548,6 +565,38 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             self.trace_spte(g, l, old, new);
         }
         Ok(out)
+    }
+
+    /// Caches an MMIO SPTE for emulated MMIO at `gfn` (KVM's `make_mmio_spte`, at level 1),
+    /// stamped with the memslot `generation`, so the next access exits straight to emulation.
+    /// Returns whether one was installed: not where the format caches none (the access takes
+    /// the slow path each time), nor where a mapping is in the way.
+    pub fn map_mmio(&mut self, root: RootId, gfn: Gfn, generation: u64) -> Result<bool, MmuError> {
+        let Some(spte) = self.format.mmio_spte(gfn.gpa(), generation) else {
+            return Ok(false);
+        };
+        let end = self.check_range(gfn, 1)?;
+        let root_pa = self.root(root)?.pa;
+        for pos in TdpIter::new(&self.alloc, self.format, root_pa, Level::L1, gfn, end) {
+            let present = self.format.is_present(pos.old);
+            if present && (pos.level == Level::L1 || self.format.is_leaf(pos.old, pos.level)) {
+                return Ok(false);
+            }
+            if pos.level > Level::L1 {
+                if !present {
+                    let child = self
+                        .alloc
+                        .alloc_table(self.format.nonpresent)
+                        .ok_or(MmuError::OutOfMemory)?;
+                    pos.sptep.store(self.format.table(child), Ordering::Release);
+                }
+                continue;
+            }
+            pos.sptep.store(spte, Ordering::Release);
+            self.trace_spte(pos.gfn, pos.level, pos.old, spte);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Replaces present entry `pos` by `new` with compare-and-swap, keeping A/D bits hardware
@@ -629,14 +678,14 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             let leaf = self.format.is_leaf(pos.old, pos.level);
             let inside = pos.gfn >= gfn && pos.end_gfn() <= end;
             if leaf {
-                let old = pos.sptep.swap(0, Ordering::AcqRel);
+                let old = pos.sptep.swap(self.format.nonpresent, Ordering::AcqRel);
                 out.entries += 1;
                 out.flush_needed = true;
                 if self.trace_sptes {
                     traces.push((pos.gfn, pos.level, old));
                 }
             } else if tables && inside {
-                pos.sptep.store(0, Ordering::Release);
+                pos.sptep.store(self.format.nonpresent, Ordering::Release);
                 iter.skip_children();
                 if let Some(below) = pos.level.down() {
                     self.free_subtree(self.format.addr(pos.old), below, &mut out);
@@ -645,7 +694,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             }
         }
         for (g, l, old) in traces {
-            self.trace_spte(g, l, old, 0);
+            self.trace_spte(g, l, old, self.format.nonpresent);
         }
         self.emit(EventKind::Zap {
             range: GpaRange::of_frames(gfn, frames),
@@ -656,7 +705,8 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     /// Gives every leaf covering the range the rights `perms` (a huge leaf that overlaps changes
-    /// whole). Pinned leaves change too, non-zero → non-zero.
+    /// whole). A pinned leaf may gain rights, present → present, but not lose read or write: DMA
+    /// may use it at any time ([`MmuError::PinnedRights`], nothing changed).
     pub fn set_perms(
         &mut self,
         root: RootId,
@@ -664,20 +714,19 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         frames: u64,
         perms: Perms,
     ) -> Result<Outcome, MmuError> {
-        self.change_leaves(root, gfn, frames, |f, e| f.with_perms(e, perms))
+        self.change_leaves(root, gfn, frames, true, |f, e| f.with_perms(e, perms))
     }
 
-    /// Removes write permission from every leaf covering the range (dirty logging, with IO page
-    /// faults; a device without them would fault).
+    /// Write-protects every leaf covering the range for dirty logging (W cleared, MMU-writable
+    /// kept). Only where the device takes IO page faults: a pinned leaf is refused
+    /// ([`MmuError::PinnedRights`]) — its device would fault.
     pub fn write_protect(
         &mut self,
         root: RootId,
         gfn: Gfn,
         frames: u64,
     ) -> Result<Outcome, MmuError> {
-        self.change_leaves(root, gfn, frames, |f, e| {
-            f.with_perms(e, f.perms(e).without(Perms::W))
-        })
+        self.change_leaves(root, gfn, frames, true, |f, e| f.write_protected(e))
     }
 
     /// Marks every leaf covering the range pinned or not (non-zero → non-zero): sharing starts
@@ -690,12 +739,9 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         pinned: bool,
     ) -> Result<Outcome, MmuError> {
         let bit = self.format.pinned;
-        self.change_leaves(
-            root,
-            gfn,
-            frames,
-            |_, e| if pinned { e | bit } else { e & !bit },
-        )
+        self.change_leaves(root, gfn, frames, false, |_, e| {
+            if pinned { e | bit } else { e & !bit }
+        })
     }
 
     /// Clears the dirty bit of every leaf covering the range; returns the outcome and the
@@ -724,15 +770,32 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         Ok((out, dirty_frames))
     }
 
+    /// Rewrites every present leaf covering the range with `change`, present → present. With
+    /// `guard_pinned`, a change that takes read or write away from a pinned leaf refuses the
+    /// whole request first.
     fn change_leaves(
         &mut self,
         root: RootId,
         gfn: Gfn,
         frames: u64,
+        guard_pinned: bool,
         change: impl Fn(&PteFormat, u64) -> u64,
     ) -> Result<Outcome, MmuError> {
         let end = self.check_range(gfn, frames)?;
         let root_pa = self.root(root)?.pa;
+        if guard_pinned {
+            for pos in self.walk(root_pa, Level::L1, gfn, end) {
+                let f = &self.format;
+                if f.is_present(pos.old) && f.is_leaf(pos.old, pos.level) && f.is_pinned(pos.old) {
+                    let lost = f.perms(pos.old).without(f.perms(change(f, pos.old)));
+                    if lost.bits() & Perms::RW.bits() != 0 {
+                        return Err(MmuError::PinnedRights {
+                            gfn: pos.gfn.max(gfn),
+                        });
+                    }
+                }
+            }
+        }
         let mut out = Outcome::default();
         let mut traces = Vec::new();
         let ad = self.format.ad_bits();
@@ -979,8 +1042,10 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                 why,
             };
             if !self.format.is_present(e) {
-                if e != 0 {
-                    return Err(bad("non-present entry is not zero"));
+                if e != self.format.nonpresent && !self.format.is_mmio(e) {
+                    return Err(bad(
+                        "non-present entry is neither the non-present value nor an MMIO SPTE",
+                    ));
                 }
                 continue;
             }
@@ -988,6 +1053,11 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                 return Err(bad("unknown bits set"));
             }
             if self.format.is_leaf(e, pos.level) {
+                if !self.format.writable_invariants_hold(e) {
+                    return Err(bad(
+                        "writable but not MMU-writable, or MMU- but not host-writable",
+                    ));
+                }
                 if pos.level > self.max_leaf_level {
                     return Err(bad("leaf above the allowed level"));
                 }
@@ -1134,6 +1204,48 @@ mod tests {
         assert_eq!(m.lookup(r, Gfn(700)).unwrap().unwrap().perms, Perms::RWX);
         // The unpinned range goes.
         assert_eq!(m.zap(r, Gfn(0), 512, true).unwrap().entries, 16);
+    }
+
+    #[test]
+    fn pinned_leaves_keep_the_rights_dma_uses() {
+        use crate::decision::addr::Iova;
+        use crate::iommu::walker::{Access, DmaWalker};
+        let arena = Arena::new(64).unwrap();
+        let mut m = mmu(&arena);
+        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let pinned = Mapping {
+            gfn: Gfn(512),
+            frames: 512,
+            hpa: Hpa(G),
+            level: Level::L2,
+            perms: Perms::RW,
+            attrs: PINNED,
+        };
+        m.map(r, &pinned).unwrap();
+        let before = m.leaves(r).unwrap();
+        // Taking read or write away from a pinned leaf would fault its device: refused whole.
+        let refused = Err(MmuError::PinnedRights { gfn: Gfn(512) });
+        assert_eq!(m.set_perms(r, Gfn(0), 1024, Perms::R), refused);
+        assert_eq!(
+            m.set_perms(r, Gfn(700), 1, Perms::NONE),
+            Err(MmuError::PinnedRights { gfn: Gfn(700) })
+        );
+        assert_eq!(m.write_protect(r, Gfn(512), 512), refused);
+        assert_eq!(
+            m.leaves(r).unwrap(),
+            before,
+            "a refused request changes nothing"
+        );
+        // Gaining a right is fine, and giving it back.
+        m.set_perms(r, Gfn(512), 1, Perms::RWX).unwrap();
+        m.set_perms(r, Gfn(512), 1, Perms::RW).unwrap();
+        // Hardware sets A/D on use; mapping the leaf again to what it is stays allowed.
+        let root_pa = m.root(r).unwrap().pa;
+        DmaWalker::native(&PteFormat::EPT4, true)
+            .translate(&arena, root_pa, Iova(512 << 12), Access::Write)
+            .unwrap();
+        m.map(r, &pinned).unwrap();
+        m.check_well_formed(r).unwrap();
     }
 
     #[test]

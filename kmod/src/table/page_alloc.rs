@@ -22,14 +22,16 @@ pub trait PageAllocator: Sync {
     where
         Self: 'a;
 
-    /// A zeroed, 4 KiB-aligned page; `None` when out of memory.
-    fn alloc_table(&self) -> Option<Hpa>;
+    /// A 4 KiB-aligned page with every entry set to `init` (the format's non-present value:
+    /// KVM's memory caches fill new pages with `SHADOW_NONPRESENT_VALUE`); `None` when out of
+    /// memory.
+    fn alloc_table(&self, init: u64) -> Option<Hpa>;
 
     /// A 4 KiB-aligned page whose entries the caller writes, all 512 of them, before anything
     /// can see it (a table built complete before it is linked): it need not be zeroed first
     /// (kernel: a page without `__GFP_ZERO`). `None` when out of memory.
     fn alloc_table_to_fill(&self) -> Option<Hpa> {
-        self.alloc_table()
+        self.alloc_table(0)
     }
 
     /// Retires a page no table links to any more; it is reused only after every read-side
@@ -52,8 +54,8 @@ impl<T: PageAllocator> PageAllocator for &T {
     where
         Self: 'a;
 
-    fn alloc_table(&self) -> Option<Hpa> {
-        (**self).alloc_table()
+    fn alloc_table(&self, init: u64) -> Option<Hpa> {
+        (**self).alloc_table(init)
     }
     fn alloc_table_to_fill(&self) -> Option<Hpa> {
         (**self).alloc_table_to_fill()
@@ -182,9 +184,9 @@ mod arena {
             (index < self.next.load(Ordering::Acquire).min(self.capacity)).then_some(index)
         }
 
-        /// A page: a reused one (zeroed when `zero`), or the next never-used one (zero already:
-        /// the reservation is zeroed memory).
-        fn alloc(&self, zero: bool) -> Option<Hpa> {
+        /// A page with every entry `init`, or as it comes when `init` is `None`: a reused one,
+        /// or the next never-used one (zero: the reservation is zeroed memory).
+        fn alloc(&self, init: Option<u64>) -> Option<Hpa> {
             let reused = {
                 let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
                 if free.is_empty() && self.next.load(Ordering::Relaxed) >= self.capacity {
@@ -194,28 +196,25 @@ mod arena {
                 }
                 free.pop().map(|Reverse(page)| page)
             };
-            let index = match reused {
-                Some(page) => {
-                    let index = page as usize;
-                    if zero {
-                        // SAFETY: `index < capacity`; `Table` is atomics only, so a shared
-                        // reference is sound even if a (misbehaving) walker still reads it.
-                        let table = unsafe { &*self.page_ptr(index) };
-                        for e in table {
-                            e.store(0, Ordering::Relaxed);
-                        }
-                    }
-                    index
-                }
+            let (index, fresh) = match reused {
+                Some(page) => (page as usize, false),
                 None => {
                     let index = self.next.fetch_add(1, Ordering::AcqRel);
                     if index >= self.capacity {
                         self.next.store(self.capacity, Ordering::Release);
                         return None;
                     }
-                    index
+                    (index, true)
                 }
             };
+            if let Some(init) = init.filter(|&v| v != 0 || !fresh) {
+                // SAFETY: `index < capacity`; `Table` is atomics only, so a shared reference
+                // is sound even if a (misbehaving) walker still reads it.
+                let table = unsafe { &*self.page_ptr(index) };
+                for e in table {
+                    e.store(init, Ordering::Relaxed);
+                }
+            }
             let n = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
             self.peak.fetch_max(n, Ordering::Relaxed);
             Some(PHYS_BASE.offset((index * PAGE_SIZE) as u64))
@@ -266,12 +265,12 @@ mod arena {
     impl PageAllocator for Arena {
         type ReadGuard<'a> = ArenaReadGuard<'a>;
 
-        fn alloc_table(&self) -> Option<Hpa> {
-            self.alloc(true)
+        fn alloc_table(&self, init: u64) -> Option<Hpa> {
+            self.alloc(Some(init))
         }
 
         fn alloc_table_to_fill(&self) -> Option<Hpa> {
-            self.alloc(false)
+            self.alloc(None)
         }
 
         fn free_table(&self, pa: Hpa) {
@@ -326,8 +325,8 @@ mod arena {
         #[test]
         fn pages_are_aligned_zeroed_and_bounded() {
             let arena = Arena::new(3).unwrap();
-            let pages: Vec<_> = (0..3).map(|_| arena.alloc_table().unwrap()).collect();
-            assert!(arena.alloc_table().is_none());
+            let pages: Vec<_> = (0..3).map(|_| arena.alloc_table(0).unwrap()).collect();
+            assert!(arena.alloc_table(0).is_none());
             for &pa in &pages {
                 assert!(pa.is_aligned(PAGE_SIZE as u64));
                 let t = arena.table(pa).unwrap();
@@ -342,15 +341,21 @@ mod arena {
         #[test]
         fn reused_pages_go_out_lowest_first_and_zeroed_unless_to_fill() {
             let arena = Arena::new(4).unwrap();
-            let pages: Vec<_> = (0..4).map(|_| arena.alloc_table().unwrap()).collect();
+            let pages: Vec<_> = (0..4).map(|_| arena.alloc_table(0).unwrap()).collect();
             for &pa in pages.iter().rev() {
                 arena.table(pa).unwrap()[3].store(9, Ordering::Relaxed);
                 arena.free_table(pa);
             }
             arena.reclaim();
             assert_eq!(arena.alloc_table_to_fill(), Some(pages[0]));
-            assert_eq!(arena.alloc_table(), Some(pages[1]));
-            assert_eq!(arena.table(pages[1]).unwrap()[3].load(Ordering::Relaxed), 0);
+            assert_eq!(arena.alloc_table(1 << 63), Some(pages[1]));
+            assert!(
+                arena
+                    .table(pages[1])
+                    .unwrap()
+                    .iter()
+                    .all(|e| e.load(Ordering::Relaxed) == 1 << 63)
+            );
             // A page to fill is not cleared first: its writer overwrites every entry.
             assert_eq!(arena.table(pages[0]).unwrap()[3].load(Ordering::Relaxed), 9);
         }
@@ -358,18 +363,18 @@ mod arena {
         #[test]
         fn retired_page_waits_for_older_readers() {
             let arena = Arena::new(1).unwrap();
-            let pa = arena.alloc_table().unwrap();
+            let pa = arena.alloc_table(0).unwrap();
             arena.table(pa).unwrap()[7].store(42, Ordering::Relaxed);
             let guard = arena.read_lock();
             arena.free_table(pa);
             assert_eq!(arena.pages_in_use(), 0);
             // The reader may still be looking at the page: no reuse, its content intact.
-            assert!(arena.alloc_table().is_none());
+            assert!(arena.alloc_table(0).is_none());
             assert_eq!(arena.table(pa).unwrap()[7].load(Ordering::Relaxed), 42);
             drop(guard);
             // A reader that starts after the retirement does not hold it back.
             let _late = arena.read_lock();
-            let again = arena.alloc_table().unwrap();
+            let again = arena.alloc_table(0).unwrap();
             assert_eq!(again, pa);
             assert_eq!(arena.table(pa).unwrap()[7].load(Ordering::Relaxed), 0);
         }
