@@ -1,5 +1,9 @@
 //! Concurrency proof: DMA through the shared table while the TDP MMU's writer splits, collapses
-//! and changes permissions of pinned huge pages, and unmaps (zap + IOTLB flush) unpinned memory.
+//! and changes permissions of pinned huge pages, unmaps (zap + IOTLB flush) unpinned memory, and
+//! switches the IOMMU to a fresh root and frees the old one.
+//!
+//! The IOTLB caches table entries too (paging-structure caches): a table the writer unlinks is
+//! retired only after the non-leaf invalidation that covers it, as KVM must do for an IOMMU.
 //!
 //! Required: zero DMA faults and zero wrong translations on pinned ranges; after an unmap's
 //! IOTLB flush has returned, zero translations to the unmapped frames.
@@ -39,7 +43,9 @@ struct Report {
     collapses: u64,
     perm_changes: u64,
     unmap_rounds: u64,
+    root_switches: u64,
     flushes: u64,
+    table_hits: u64,
 }
 
 fn round_range(round: u64) -> (u64, u64) {
@@ -63,37 +69,43 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
     let walker = DmaWalker::native(&format, true);
     let domain = IommuDomain::new(DOMAIN, walker, &iotlb);
     let mut mmu = TdpMmu::new(&arena, format, NullSink, ManualClock::new(0), 1);
-    let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+    // An IOMMU walks this MMU's roots: unlinked tables wait for a non-leaf invalidation.
+    mmu.set_defer_free(true);
+    let mut root = mmu.alloc_root(false, RootCause::Initial).unwrap();
     let wb = LeafAttrs {
         memtype: MEMTYPE_WB,
         snoop: true,
         ..LeafAttrs::default()
     };
     let pinned = LeafAttrs { pinned: true, ..wb };
-    mmu.map(
-        root,
-        &Mapping {
-            gfn: Gfn(0),
-            frames: PINNED_HUGE * 512,
-            hpa: Hpa(PINNED_HPA),
-            level: Level::L2,
-            perms: Perms::RW,
-            attrs: pinned,
-        },
-    )
-    .unwrap();
-    mmu.map(
-        root,
-        &Mapping {
-            gfn: Gfn(UNPINNED_GFN),
-            frames: UNPINNED_FRAMES,
-            hpa: Hpa(round_range(0).0),
-            level: Level::L1,
-            perms: Perms::RW,
-            attrs: wb,
-        },
-    )
-    .unwrap();
+    // The whole content of a root: the pinned huge pages and the unpinned range of `round`.
+    let populate = |mmu: &mut TdpMmu<_, _, _>, root, round| {
+        mmu.map(
+            root,
+            &Mapping {
+                gfn: Gfn(0),
+                frames: PINNED_HUGE * 512,
+                hpa: Hpa(PINNED_HPA),
+                level: Level::L2,
+                perms: Perms::RW,
+                attrs: pinned,
+            },
+        )
+        .unwrap();
+        mmu.map(
+            root,
+            &Mapping {
+                gfn: Gfn(UNPINNED_GFN),
+                frames: UNPINNED_FRAMES,
+                hpa: Hpa(round_range(round).0),
+                level: Level::L1,
+                perms: Perms::RW,
+                attrs: wb,
+            },
+        )
+        .unwrap();
+    };
+    populate(&mut mmu, root, 0);
     domain.set_root(Some(mmu.root(root).unwrap().pa));
 
     // Unmap rounds completed: frames of rounds below this were zapped and flushed.
@@ -153,29 +165,39 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
         while !stop.load(Ordering::Relaxed) {
             let huge = cycle % PINNED_HUGE;
             let gfn = Gfn(huge * 512);
-            let flush = |frames: u64| {
+            // Only leaves changed: the invalidation hint keeps the paging-structure caches.
+            let leaf_flush = || {
                 domain.flush(FlushRequest::Range {
                     domain: DOMAIN,
                     iova: gfn.iova(),
-                    size: frames << 12,
+                    size: 512 << 12,
+                    leaf_only: true,
                 })
             };
             mmu.split(root, gfn, Level::L2)
                 .expect("split of a pinned huge page");
-            flush(512);
+            leaf_flush();
             w.splits += 1;
             // Permission changes on pinned entries, both on the small leaves and (below) the
             // huge one: never through a non-present value.
             mmu.set_perms(root, gfn, 512, Perms::RWX).unwrap();
-            flush(512);
+            leaf_flush();
             mmu.set_perms(root, gfn, 512, Perms::RW).unwrap();
-            flush(512);
+            leaf_flush();
+            // The collapse unlinks the table of small leaves: a full invalidation of the range,
+            // and only then is the table retired.
             mmu.collapse(root, gfn, Level::L2).expect("collapse back");
-            flush(512);
+            domain.flush(FlushRequest::Range {
+                domain: DOMAIN,
+                iova: gfn.iova(),
+                size: 512 << 12,
+                leaf_only: false,
+            });
+            mmu.release_unlinked(Some((gfn, gfn + 512)));
             w.collapses += 1;
             mmu.set_perms(root, gfn, 512, Perms::RWX).unwrap();
             mmu.set_perms(root, gfn, 512, Perms::RW).unwrap();
-            flush(512);
+            leaf_flush();
             w.perm_changes += 4;
 
             if cycle % 4 == 3 {
@@ -187,7 +209,10 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
                     domain: DOMAIN,
                     iova: Gfn(UNPINNED_GFN).iova(),
                     size: UNPINNED_FRAMES << 12,
+                    leaf_only: false,
                 });
+                let span = Gfn(UNPINNED_GFN) + UNPINNED_FRAMES;
+                mmu.release_unlinked(Some((Gfn(UNPINNED_GFN), span)));
                 flushed_rounds.store(round + 1, Ordering::SeqCst);
                 w.unmap_rounds += 1;
                 mmu.map(
@@ -202,6 +227,19 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
                     },
                 )
                 .unwrap();
+            }
+            if cycle % 16 == 15 {
+                // A root update: a fresh root with the same content, the IOMMU switched to it
+                // (which drops every cached entry of the domain), the old root freed at once.
+                // DMA walks that read the old root pointer are still inside their read-side
+                // section, which keeps its pages from reuse.
+                let fresh = mmu.alloc_root(false, RootCause::MemslotChange).unwrap();
+                populate(&mut mmu, fresh, w.unmap_rounds);
+                domain.set_root(Some(mmu.root(fresh).unwrap().pa));
+                mmu.free_root(root, RootCause::Released).unwrap();
+                mmu.release_unlinked(None);
+                root = fresh;
+                w.root_switches += 1;
             }
             cycle += 1;
             writer_cycles.store(cycle, Ordering::Relaxed);
@@ -221,8 +259,10 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
         report.collapses = w.collapses;
         report.perm_changes = w.perm_changes;
         report.unmap_rounds = w.unmap_rounds;
+        report.root_switches = w.root_switches;
     });
     report.flushes = iotlb.stats.flushes.load(Ordering::Relaxed);
+    report.table_hits = iotlb.stats.table_hits.load(Ordering::Relaxed);
     mmu.check_well_formed(root)
         .expect("table well-formed after the run");
     report
@@ -240,6 +280,11 @@ fn check(report: &Report, min_cycles: u64) {
         "translation to unmapped frames after the flush"
     );
     assert!(report.splits >= min_cycles && report.unmap_rounds >= min_cycles / 4);
+    assert!(report.root_switches >= min_cycles / 16);
+    assert!(
+        report.table_hits > 0,
+        "no walk started from a cached table entry: the paging-structure cache saw no use"
+    );
     assert!(
         report.unmapped_faults > 0,
         "no DMA ever raced with an unmap: the test saw nothing"

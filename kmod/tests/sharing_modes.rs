@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tdpshare::decision::caps::IommuCaps;
 use tdpshare::event::clock::{ManualClock, MonotonicClock};
-use tdpshare::event::{EventKind, RootCause};
+use tdpshare::event::{EventKind, FlushScope, RootCause};
 use tdpshare::iommu::{Access, CostModel, DmaWalker, IommuDomain, Iotlb};
 use tdpshare::sharing::{
     CostSource, Memslot, ModelledPinner, Parts, PinCostModel, Pinner, PrivateKind, SharingError,
@@ -684,4 +684,53 @@ fn dma_to_emulated_mmio_faults_and_the_cpu_side_caches_it() {
             assert_eq!(vm.device.dma_wrong, 0, "{mode}");
         });
     }
+}
+
+/// The scopes of the IOTLB flushes since the last call.
+fn scopes(sink: &SharedSink) -> Vec<FlushScope> {
+    sink.take()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::IotlbFlush { scope, .. } => Some(scope),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn unlinked_tables_wait_for_a_full_invalidation_and_splits_need_only_leaves() {
+    let slot1 = slot(1, 1 << 30, 64 << 20);
+    with_vm(ShareMode::PinPrepopulate, config(), vtd(), |vm, sink, _| {
+        vm.engine.add_slot(slot1).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        sink.take();
+        // Dirty logging splits the 2 MiB leaves: only leaves change, the invalidation hint
+        // keeps the paging-structure caches.
+        vm.engine.set_slot_flags(0, 1, 1).unwrap();
+        let split = scopes(sink);
+        assert!(!split.is_empty());
+        assert!(
+            split.iter().all(|s| *s == FlushScope::RangeLeaves),
+            "{split:?}"
+        );
+    });
+    // Deleting a slot from the persistent shared root unlinks its table of 2 MiB leaves (no
+    // 1 GiB superpages here): a full invalidation of the range before the table goes back to
+    // the allocator, and before the pins are released.
+    let slot1 = slot(1, 1 << 30, 1 << 30);
+    let no_1g = IommuCaps::vtd(&[4], false);
+    with_vm(ShareMode::Optimized, config(), no_1g, |vm, sink, arena| {
+        vm.engine.add_slot(slot1).unwrap();
+        vm.engine.request_sharing(&no_1g).unwrap();
+        sink.take();
+        let pages = arena.pages_in_use();
+        vm.engine.delete_slot(0, 1).unwrap();
+        assert_eq!(scopes(sink), [FlushScope::Range]);
+        assert_eq!(vm.engine.cpu_mmu().unlinked_span(), None);
+        assert_eq!(
+            arena.pages_in_use() + 1,
+            pages,
+            "the slot's table is retired"
+        );
+    });
 }

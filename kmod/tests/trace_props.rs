@@ -83,7 +83,8 @@ fn kind() -> impl Strategy<Value = EventKind> {
     let scope = prop_oneof![
         Just(FlushScope::All),
         Just(FlushScope::Domain),
-        Just(FlushScope::Range)
+        Just(FlushScope::Range),
+        Just(FlushScope::RangeLeaves)
     ];
     prop_oneof![
         (range(), page_size(), prepop_cause()).prop_map(|(range, page_size, cause)| {

@@ -147,8 +147,12 @@ pub enum FlushScope {
     All,
     /// One domain, every address.
     Domain,
-    /// One domain, a range of IO virtual addresses.
+    /// One domain, a range of IO virtual addresses: leaves and the paging-structure cache
+    /// entries of the range.
     Range,
+    /// One domain, a range, leaf entries only (VT-d's invalidation hint, `IH` = 1): the
+    /// paging-structure caches keep their entries, so no table may have been unlinked.
+    RangeLeaves,
 }
 
 /// A KVM memslot as a memslot event reports it.
@@ -391,7 +395,7 @@ pub enum EventKind {
         size: u64,
         ns: u64,
     },
-    /// An IOTLB invalidation (seed path 3); `range` is set for `FlushScope::Range`.
+    /// An IOTLB invalidation (seed path 3); `range` is set for the range scopes.
     IotlbFlush {
         scope: FlushScope,
         domain: Option<u32>,

@@ -1,5 +1,13 @@
-//! The IOTLB: a set-associative cache of IOMMU translations with domain- and range-selective
-//! invalidation, a flush counter and a cost model.
+//! The IOTLB: set-associative caches of IOMMU translations — the leaves (the IOTLB proper) and
+//! the paging-structure caches (VT-d's PML4E/PDPE/PDE caches: a table entry's child table, so a
+//! walk can start below the root) — with domain- and range-selective invalidation, a flush
+//! counter and a cost model.
+//!
+//! A paging-structure cache entry can point at a table KVM has since unlinked: a walk that
+//! starts there reads the old table. That is why an unlinked table may be reused only after an
+//! invalidation that drops such entries: a domain flush, or a range flush without the
+//! invalidation hint (VT-d's IH=1, `leaf_only` here, keeps them — Linux sets it when no table
+//! was freed, `cache_tag_flush_range(…, ih)`).
 //!
 //! Locking rule: one spinlock guards the cache and its generation; every method takes `&self`.
 //!
@@ -26,9 +34,18 @@ use crate::table::sync::SpinLock;
 /// What to invalidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushRequest {
+    /// Everything, every domain.
     All,
+    /// Everything of one domain.
     Domain(u16),
-    Range { domain: u16, iova: Iova, size: u64 },
+    /// The translations of `[iova, iova + size)` in `domain`, and — unless `leaf_only` (VT-d's
+    /// invalidation hint) — the paging-structure cache entries covering it.
+    Range {
+        domain: u16,
+        iova: Iova,
+        size: u64,
+        leaf_only: bool,
+    },
 }
 
 impl FlushRequest {
@@ -37,8 +54,17 @@ impl FlushRequest {
         match *self {
             FlushRequest::All => (FlushScope::All, None, None),
             FlushRequest::Domain(d) => (FlushScope::Domain, Some(u32::from(d)), None),
-            FlushRequest::Range { domain, iova, size } => (
-                FlushScope::Range,
+            FlushRequest::Range {
+                domain,
+                iova,
+                size,
+                leaf_only,
+            } => (
+                if leaf_only {
+                    FlushScope::RangeLeaves
+                } else {
+                    FlushScope::Range
+                },
                 Some(u32::from(domain)),
                 Some(GpaRange::new(iova.gpa(), size)),
             ),
@@ -114,12 +140,96 @@ impl IotlbEntry {
     }
 }
 
+/// One cached table entry: the child table of the entry at `level` covering `tag`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PsEntry {
+    pub domain: u16,
+    /// The level of the cached entry (2 and up).
+    pub level: Level,
+    /// IOVA >> the level's shift.
+    pub tag: u64,
+    /// The table the entry points at (at the level below).
+    pub table: Hpa,
+}
+
+impl PsEntry {
+    /// The cached entry at `level` covering `iova`, pointing at `table`.
+    pub fn new(domain: u16, level: Level, iova: Iova, table: Hpa) -> Self {
+        Self {
+            domain,
+            level,
+            tag: iova.0 >> level.shift(),
+            table,
+        }
+    }
+
+    fn start(&self) -> Iova {
+        Iova(self.tag << self.level.shift())
+    }
+
+    fn end(&self) -> Iova {
+        self.start() + self.level.size()
+    }
+}
+
 const WAYS: usize = 4;
+
+/// A set-associative cache of `T`, with round-robin replacement.
+#[derive(Debug)]
+struct Cache<T> {
+    sets: Vec<[Option<T>; WAYS]>,
+    victim: Vec<u8>,
+}
+
+impl<T: Copy> Cache<T> {
+    fn new(entries: usize) -> Self {
+        let sets = entries.div_ceil(WAYS).max(1);
+        Self {
+            sets: vec![[None; WAYS]; sets],
+            victim: vec![0; sets],
+        }
+    }
+
+    fn set(&self, domain: u16, level: Level, tag: u64) -> &[Option<T>; WAYS] {
+        &self.sets[set_of(domain, level, tag, self.sets.len())]
+    }
+
+    /// Puts `entry` in its set: over an entry `same` says it replaces, else a free way, else
+    /// the next victim.
+    fn insert(&mut self, domain: u16, level: Level, tag: u64, entry: T, same: impl Fn(&T) -> bool) {
+        let index = set_of(domain, level, tag, self.sets.len());
+        let way = self.sets[index]
+            .iter()
+            .position(|w| w.as_ref().is_none_or(&same));
+        let way = way.unwrap_or_else(|| {
+            let v = self.victim[index] as usize;
+            self.victim[index] = ((v + 1) % WAYS) as u8;
+            v
+        });
+        self.sets[index][way] = Some(entry);
+    }
+
+    /// Drops every entry `hit` says; returns how many.
+    fn drop_where(&mut self, hit: impl Fn(&T) -> bool) -> u64 {
+        let mut dropped = 0;
+        for way in self.sets.iter_mut().flatten() {
+            if way.as_ref().is_some_and(&hit) {
+                *way = None;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    fn len(&self) -> usize {
+        self.sets.iter().flatten().flatten().count()
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
-    sets: Vec<[Option<IotlbEntry>; WAYS]>,
-    victim: Vec<u8>,
+    leaves: Cache<IotlbEntry>,
+    tables: Cache<PsEntry>,
     generation: u64,
 }
 
@@ -132,6 +242,8 @@ pub struct IotlbStats {
     pub dropped: AtomicU64,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Walks that started below the root, from a paging-structure cache entry.
+    pub table_hits: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -148,13 +260,13 @@ fn set_of(domain: u16, level: Level, tag: u64, sets: usize) -> usize {
 }
 
 impl Iotlb {
-    /// An IOTLB of `entries` translations (rounded up to whole sets of 4).
+    /// An IOTLB of `entries` translations (rounded up to whole sets of 4), with paging-structure
+    /// caches a quarter of that size.
     pub fn new(entries: usize, cost: CostModel) -> Self {
-        let sets = entries.div_ceil(WAYS).max(1);
         Self {
             inner: SpinLock::new(Inner {
-                sets: vec![[None; WAYS]; sets],
-                victim: vec![0; sets],
+                leaves: Cache::new(entries),
+                tables: Cache::new((entries / 4).max(16)),
                 generation: 0,
             }),
             cost,
@@ -174,7 +286,7 @@ impl Iotlb {
         for size in PageSize::ALL {
             let level = size.level();
             let tag = iova.0 >> level.shift();
-            let set = &inner.sets[set_of(domain, level, tag, inner.sets.len())];
+            let set = inner.leaves.set(domain, level, tag);
             let hit = set.iter().flatten().find(|e| {
                 e.domain == domain && e.level == level && e.tag == tag && e.perms.contains(need)
             });
@@ -192,27 +304,47 @@ impl Iotlb {
         None
     }
 
-    /// Caches `entry` unless an invalidation ran since `generation` was read.
-    pub fn fill(&self, generation: u64, entry: IotlbEntry) -> bool {
+    /// Where a walk of `iova` in `domain` (with roots at `levels`) can start: the table and
+    /// its level, from the lowest paging-structure cache entry that covers it.
+    pub fn walk_start(&self, domain: u16, iova: Iova, levels: Level) -> Option<(Hpa, Level)> {
+        let inner = self.inner.lock();
+        let mut level = Level::L2;
+        loop {
+            let tag = iova.0 >> level.shift();
+            let hit = inner
+                .tables
+                .set(domain, level, tag)
+                .iter()
+                .flatten()
+                .find(|e| e.domain == domain && e.level == level && e.tag == tag);
+            if let (Some(e), Some(below)) = (hit, level.down()) {
+                self.stats.table_hits.fetch_add(1, Ordering::Relaxed);
+                return Some((e.table, below));
+            }
+            match level.up() {
+                Some(above) if above <= levels => level = above,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Caches `entry` and the table entries `tables` its walk went through, unless an
+    /// invalidation ran since `generation` was read.
+    pub fn fill(&self, generation: u64, entry: IotlbEntry, tables: &[PsEntry]) -> bool {
         let mut inner = self.inner.lock();
         if inner.generation != generation {
             return false;
         }
-        let n = inner.sets.len();
-        let index = set_of(entry.domain, entry.level, entry.tag, n);
-        let way = match inner.sets[index].iter().position(|w| {
-            w.is_none_or(|e| {
-                e.domain == entry.domain && e.level == entry.level && e.tag == entry.tag
-            })
-        }) {
-            Some(way) => way,
-            None => {
-                let v = inner.victim[index] as usize;
-                inner.victim[index] = ((v + 1) % WAYS) as u8;
-                v
-            }
+        let same = |e: &IotlbEntry| {
+            e.domain == entry.domain && e.level == entry.level && e.tag == entry.tag
         };
-        inner.sets[index][way] = Some(entry);
+        inner
+            .leaves
+            .insert(entry.domain, entry.level, entry.tag, entry, same);
+        for t in tables {
+            let same = |e: &PsEntry| e.domain == t.domain && e.level == t.level && e.tag == t.tag;
+            inner.tables.insert(t.domain, t.level, t.tag, *t, same);
+        }
         true
     }
 
@@ -220,42 +352,57 @@ impl Iotlb {
     pub fn invalidate(&self, request: FlushRequest) -> FlushOutcome {
         let mut fell_back = false;
         let request = match request {
-            FlushRequest::Range { domain, iova, size } => {
-                match psi_block(iova, size, self.cost.max_mask_order) {
-                    Some((start, len)) => FlushRequest::Range {
-                        domain,
-                        iova: start,
-                        size: len,
-                    },
-                    None => {
-                        fell_back = true;
-                        FlushRequest::Domain(domain)
-                    }
+            FlushRequest::Range {
+                domain,
+                iova,
+                size,
+                leaf_only,
+            } => match psi_block(iova, size, self.cost.max_mask_order) {
+                Some((start, len)) => FlushRequest::Range {
+                    domain,
+                    iova: start,
+                    size: len,
+                    leaf_only,
+                },
+                None => {
+                    fell_back = true;
+                    FlushRequest::Domain(domain)
                 }
-            }
+            },
             other => other,
         };
-        let mut dropped = 0;
-        {
+        let dropped = {
             let mut inner = self.inner.lock();
             inner.generation += 1;
-            for set in inner.sets.iter_mut() {
-                for way in set.iter_mut() {
-                    let Some(e) = way else { continue };
-                    let hit = match request {
-                        FlushRequest::All => true,
-                        FlushRequest::Domain(d) => e.domain == d,
-                        FlushRequest::Range { domain, iova, size } => {
-                            e.domain == domain && e.start() < iova + size && iova < e.end()
-                        }
+            match request {
+                FlushRequest::All => {
+                    inner.leaves.drop_where(|_| true) + inner.tables.drop_where(|_| true)
+                }
+                FlushRequest::Domain(d) => {
+                    inner.leaves.drop_where(|e| e.domain == d)
+                        + inner.tables.drop_where(|e| e.domain == d)
+                }
+                FlushRequest::Range {
+                    domain,
+                    iova,
+                    size,
+                    leaf_only,
+                } => {
+                    let end = iova + size;
+                    let leaves = inner
+                        .leaves
+                        .drop_where(|e| e.domain == domain && e.start() < end && iova < e.end());
+                    let tables = if leaf_only {
+                        0
+                    } else {
+                        inner
+                            .tables
+                            .drop_where(|e| e.domain == domain && e.start() < end && iova < e.end())
                     };
-                    if hit {
-                        *way = None;
-                        dropped += 1;
-                    }
+                    leaves + tables
                 }
             }
-        }
+        };
         let descriptors = 1;
         let cost_ns = self.cost.wait_ns + descriptors * self.cost.per_descriptor_ns;
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -272,10 +419,14 @@ impl Iotlb {
         }
     }
 
-    /// Cached translations right now.
+    /// Cached translations right now (leaves).
     pub fn len(&self) -> usize {
-        let inner = self.inner.lock();
-        inner.sets.iter().flatten().flatten().count()
+        self.inner.lock().leaves.len()
+    }
+
+    /// Cached table entries right now.
+    pub fn tables_cached(&self) -> usize {
+        self.inner.lock().tables.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -336,15 +487,18 @@ mod tests {
         let g = tlb.generation();
         assert!(tlb.fill(
             g,
-            IotlbEntry::new(1, Iova(0x20_1234), t(0x8020_1234, PageSize::Size2M))
+            IotlbEntry::new(1, Iova(0x20_1234), t(0x8020_1234, PageSize::Size2M)),
+            &[]
         ));
         assert!(tlb.fill(
             g,
-            IotlbEntry::new(1, Iova(0x5000), t(0x9000, PageSize::Size4K))
+            IotlbEntry::new(1, Iova(0x5000), t(0x9000, PageSize::Size4K)),
+            &[]
         ));
         assert!(tlb.fill(
             g,
-            IotlbEntry::new(2, Iova(0x5000), t(0xa000, PageSize::Size4K))
+            IotlbEntry::new(2, Iova(0x5000), t(0xa000, PageSize::Size4K)),
+            &[]
         ));
         let hit = tlb.lookup(1, Iova(0x3f_ffff), Access::Write).unwrap();
         assert_eq!(hit.hpa, Hpa(0x803f_ffff));
@@ -357,6 +511,7 @@ mod tests {
             domain: 1,
             iova: Iova(0x5000),
             size: 0x1000,
+            leaf_only: true,
         });
         assert_eq!(out.dropped, 1);
         assert!(tlb.lookup(1, Iova(0x5000), Access::Read).is_none());
@@ -376,9 +531,11 @@ mod tests {
         tlb.invalidate(FlushRequest::All);
         assert!(!tlb.fill(
             before_walk,
-            IotlbEntry::new(1, Iova(0), t(0x1000, PageSize::Size4K))
+            IotlbEntry::new(1, Iova(0), t(0x1000, PageSize::Size4K)),
+            &[PsEntry::new(1, Level::L2, Iova(0), Hpa(0x7000))]
         ));
         assert!(tlb.lookup(1, Iova(0), Access::Read).is_none());
+        assert_eq!(tlb.walk_start(1, Iova(0), Level::L4), None);
     }
 
     #[test]
@@ -388,6 +545,7 @@ mod tests {
             domain: 1,
             iova: Iova(0),
             size: 4 << 30,
+            leaf_only: false,
         });
         assert!(out.fell_back_to_domain);
     }
@@ -399,8 +557,40 @@ mod tests {
             perms: Perms::R,
             ..t(0x1000, PageSize::Size4K)
         };
-        tlb.fill(tlb.generation(), IotlbEntry::new(1, Iova(0), ro));
+        tlb.fill(tlb.generation(), IotlbEntry::new(1, Iova(0), ro), &[]);
         assert!(tlb.lookup(1, Iova(0), Access::Read).is_some());
         assert!(tlb.lookup(1, Iova(0), Access::Write).is_none());
+    }
+
+    #[test]
+    fn table_entries_start_walks_until_a_non_leaf_flush() {
+        let tlb = Iotlb::new(64, CostModel::default());
+        let pde = PsEntry::new(1, Level::L2, Iova(0x20_5000), Hpa(0xa000));
+        let pdpe = PsEntry::new(1, Level::L3, Iova(0x20_5000), Hpa(0xb000));
+        let leaf = IotlbEntry::new(1, Iova(0x20_5000), t(0x5000, PageSize::Size4K));
+        assert!(tlb.fill(tlb.generation(), leaf, &[pdpe, pde]));
+        // The lowest cached table entry covering an address wins.
+        assert_eq!(
+            tlb.walk_start(1, Iova(0x20_7000), Level::L4),
+            Some((Hpa(0xa000), Level::L1))
+        );
+        assert_eq!(
+            tlb.walk_start(1, Iova(0x40_0000), Level::L4),
+            Some((Hpa(0xb000), Level::L2))
+        );
+        assert_eq!(tlb.walk_start(2, Iova(0x20_7000), Level::L4), None);
+        // A leaf-only flush (IH=1) keeps them; a non-leaf one drops those it covers.
+        let range = |leaf_only| FlushRequest::Range {
+            domain: 1,
+            iova: Iova(0x20_5000),
+            size: 0x1000,
+            leaf_only,
+        };
+        tlb.invalidate(range(true));
+        assert!(tlb.lookup(1, Iova(0x20_5000), Access::Read).is_none());
+        assert_eq!(tlb.tables_cached(), 2);
+        tlb.invalidate(range(false));
+        assert_eq!(tlb.tables_cached(), 0);
+        assert_eq!(tlb.walk_start(1, Iova(0x20_7000), Level::L4), None);
     }
 }

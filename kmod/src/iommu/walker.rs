@@ -127,13 +127,28 @@ impl DmaWalker {
         iova: Iova,
         access: Access,
     ) -> Result<Translation, DmaFault> {
+        self.walk_from(alloc, root, self.levels, iova, access, &mut |_, _| {})
+    }
+
+    /// Translates `iova` for `access` starting at `table`, a table at `level` (the root, or a
+    /// table a paging-structure cache entry points at); `visit(level, child)` sees every table
+    /// entry the walk follows. Locking rule: the caller holds the allocator's read-side section.
+    pub fn walk_from<A: PageAllocator>(
+        &self,
+        alloc: &A,
+        table: Hpa,
+        level: Level,
+        iova: Iova,
+        access: Access,
+        visit: &mut dyn FnMut(Level, Hpa),
+    ) -> Result<Translation, DmaFault> {
         let r = &self.rules;
         let gfn = iova.gfn();
         if gfn.0 >= self.gfn_limit() {
             return Err(DmaFault::AddressWidth { iova });
         }
-        let mut table_pa = root;
-        let mut level = self.levels;
+        let mut table_pa = table;
+        let mut level = level;
         loop {
             let table = alloc
                 .table(table_pa)
@@ -170,6 +185,7 @@ impl DmaWalker {
                 match level.down() {
                     Some(below) => {
                         table_pa = r.addr(e);
+                        visit(level, table_pa);
                         level = below;
                         continue;
                     }

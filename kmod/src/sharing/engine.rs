@@ -315,6 +315,51 @@ impl<P: Platform> SharingVm<P> {
             range,
             ns: out.cost_ns,
         });
+        // The tables the invalidation dropped every cached pointer to may go now.
+        match request {
+            FlushRequest::Range {
+                leaf_only: true, ..
+            } => {}
+            FlushRequest::Range { iova, size, .. } => {
+                let end = iova.offset(size).gfn();
+                self.release_unlinked(Some((iova.gfn(), end)));
+            }
+            FlushRequest::Domain(_) | FlushRequest::All => self.release_unlinked(None),
+        }
+    }
+
+    /// The guest frames covered by tables unlinked from a table the IOMMU walks and not yet
+    /// released: they need an invalidation of the paging-structure caches first.
+    fn tables_awaiting(&self) -> Option<(Gfn, Gfn)> {
+        let spans = [
+            self.cpu.unlinked_span(),
+            self.separate
+                .as_ref()
+                .and_then(|(mmu, _)| mmu.unlinked_span()),
+        ];
+        spans
+            .into_iter()
+            .flatten()
+            .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)))
+    }
+
+    /// Retires the unlinked tables inside `covered` (all with `None`).
+    fn release_unlinked(&mut self, covered: Option<(Gfn, Gfn)>) {
+        self.cpu.release_unlinked(covered);
+        if let Some((mmu, _)) = self.separate.as_mut() {
+            mmu.release_unlinked(covered);
+        }
+    }
+
+    /// A range flush of `[start, end)`: leaf-only (VT-d's invalidation hint) unless tables
+    /// await an invalidation of the paging-structure caches.
+    fn range_flush(&self, start: Iova, end: Iova) -> FlushRequest {
+        FlushRequest::Range {
+            domain: self.iommu.domain_id(),
+            iova: start,
+            size: end.bytes_since(start),
+            leaf_only: self.tables_awaiting().is_none(),
+        }
     }
 
     /// A content update of the IOMMU's table: flush now, or at the end of the operation when
@@ -330,22 +375,22 @@ impl<P: Platform> SharingVm<P> {
                 None => (start, end),
             });
         } else {
-            self.flush_now(FlushRequest::Range {
-                domain: self.iommu.domain_id(),
-                iova: start,
-                size: end.bytes_since(start),
-            });
+            self.flush_now(self.range_flush(start, end));
         }
     }
 
-    /// Ends an operation: the batched flush, if any.
+    /// Ends an operation: the batched flush, if any — widened to the tables the operation
+    /// unlinked and no flush covered yet (they may be reused only after one).
     pub fn finish_op(&mut self) {
-        if let Some((start, end)) = self.pending_flush.take() {
-            self.flush_now(FlushRequest::Range {
-                domain: self.iommu.domain_id(),
-                iova: start,
-                size: end.bytes_since(start),
+        if let Some((start, end)) = self.tables_awaiting().filter(|_| self.session.is_some()) {
+            let (start, end) = (start.iova(), end.iova());
+            self.pending_flush = Some(match self.pending_flush {
+                Some((s, e)) => (s.min(start), e.max(end)),
+                None => (start, end),
             });
+        }
+        if let Some((start, end)) = self.pending_flush.take() {
+            self.flush_now(self.range_flush(start, end));
         }
     }
 
@@ -362,6 +407,7 @@ impl<P: Platform> SharingVm<P> {
             ns: out.cost_ns,
         });
         self.pending_flush = None;
+        self.release_unlinked(None);
     }
 
     /// The root-update notification: the IOMMU walks `root` from now on.
@@ -480,6 +526,9 @@ impl<P: Platform> SharingVm<P> {
     fn start_session(&mut self, shared: Shared) -> Result<(), SharingError> {
         let (root, pa) = if self.policy.shares_cpu_root {
             self.cpu.set_max_leaf_level(shared.max_huge_level);
+            // The IOMMU walks the vCPUs' tables from now on: unlinked tables wait for its
+            // invalidation before reuse.
+            self.cpu.set_defer_free(true);
             // Leaves larger than the IOMMU accepts cannot stay in a table it walks.
             if let Some(r) = self.cpu_root {
                 let big: Vec<_> = self
@@ -510,6 +559,7 @@ impl<P: Platform> SharingVm<P> {
                 self.vm.id,
             );
             mmu.set_max_leaf_level(shared.max_huge_level);
+            mmu.set_defer_free(true);
             let root = mmu.alloc_root(false, RootCause::Initial)?;
             let pa = mmu.root(root)?.pa;
             self.separate = Some((mmu, root));
@@ -558,6 +608,7 @@ impl<P: Platform> SharingVm<P> {
             return Err(SharingError::State("sharing is not on"));
         }
         self.switch_iommu_table(self.fallback_root);
+        self.cpu.set_defer_free(false);
         if let Some((mut mmu, root)) = self.separate.take() {
             mmu.free_root(root, RootCause::Released)?;
         }

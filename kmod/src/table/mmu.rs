@@ -228,6 +228,48 @@ impl fmt::Display for Malformed {
     }
 }
 
+/// A subtree unlinked from a live root, awaiting the invalidation that lets it go.
+#[derive(Debug, Clone, Copy)]
+struct Unlinked {
+    /// The table.
+    pa: Hpa,
+    /// The level of its entries.
+    level: Level,
+    /// The first guest frame it covers.
+    gfn: Gfn,
+    /// The root it hung under.
+    root: Hpa,
+    /// For a table of leaves: its D bits at the unlink.
+    dirty_at_unlink: Option<[u64; 8]>,
+}
+
+impl Unlinked {
+    fn table(pa: Hpa, level: Level, gfn: Gfn, root: Hpa) -> Self {
+        Self {
+            pa,
+            level,
+            gfn,
+            root,
+            dirty_at_unlink: None,
+        }
+    }
+
+    /// One past the last guest frame it covers.
+    fn end(&self) -> Gfn {
+        self.gfn + self.level.table_frames()
+    }
+}
+
+/// What [`TdpMmu::release_unlinked`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Unlinked subtrees retired.
+    pub tables: u64,
+    /// Leaves made dirty because DMA wrote through a stale cached entry after their old table
+    /// was unlinked.
+    pub late_dirty: u64,
+}
+
 /// The TDP MMU of one VM.
 pub struct TdpMmu<A: PageAllocator, S, C> {
     alloc: A,
@@ -242,6 +284,10 @@ pub struct TdpMmu<A: PageAllocator, S, C> {
     next_root: u64,
     /// Emit a `spte_set` event per entry change (like the `kvm_tdp_mmu_spte_changed` tracepoint).
     trace_sptes: bool,
+    /// Unlinked tables wait for an IOMMU invalidation before they are retired.
+    defer_free: bool,
+    /// Those tables.
+    unlinked: Vec<Unlinked>,
 }
 
 impl<A: PageAllocator, S, C> fmt::Debug for TdpMmu<A, S, C> {
@@ -274,6 +320,8 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             roots: Vec::new(),
             next_root: 1,
             trace_sptes: false,
+            defer_free: false,
+            unlinked: Vec::new(),
         }
     }
 
@@ -387,6 +435,12 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
 
     /// Retires the table at `pa` (at `level`) and every table below it, counting its leaves.
     fn free_subtree(&self, pa: Hpa, level: Level, out: &mut Outcome) {
+        self.count_subtree(pa, level, out);
+        self.free_pages(pa, level);
+    }
+
+    /// Counts the leaves and tables of the subtree at `pa` (a table at `level`) into `out`.
+    fn count_subtree(&self, pa: Hpa, level: Level, out: &mut Outcome) {
         if let Some(table) = self.alloc.table(pa) {
             for sptep in table {
                 let e = sptep.load(Ordering::Acquire);
@@ -397,12 +451,100 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                     out.entries += 1;
                     out.flush_needed = true;
                 } else if let Some(below) = level.down() {
-                    self.free_subtree(self.format.addr(e), below, out);
+                    self.count_subtree(self.format.addr(e), below, out);
+                }
+            }
+        }
+        out.tables_freed += 1;
+    }
+
+    /// Retires every page of the subtree at `pa` (a table at `level`).
+    fn free_pages(&self, pa: Hpa, level: Level) {
+        if let (Some(table), Some(below)) = (self.alloc.table(pa), level.down()) {
+            for sptep in table {
+                let e = sptep.load(Ordering::Acquire);
+                if self.format.is_present(e) && !self.format.is_leaf(e, level) {
+                    self.free_pages(self.format.addr(e), below);
                 }
             }
         }
         self.alloc.free_table(pa);
-        out.tables_freed += 1;
+    }
+
+    /// A subtree was unlinked from a live root: counted now; its pages are retired at once, or
+    /// — while an IOMMU walks this MMU's roots — kept until an invalidation covers them
+    /// ([`TdpMmu::release_unlinked`]): an IOMMU's paging-structure cache may still point into
+    /// it. For a table of leaves, `dirty` is its D bits at the unlink, so that D bits a stale
+    /// walk sets afterwards are not lost.
+    fn unlink(&mut self, table: Unlinked, out: &mut Outcome) {
+        self.count_subtree(table.pa, table.level, out);
+        if self.defer_free {
+            self.unlinked.push(table);
+        } else {
+            self.free_pages(table.pa, table.level);
+        }
+    }
+
+    /// While `on`, tables unlinked from a live root wait for [`TdpMmu::release_unlinked`]
+    /// (an IOMMU walks this MMU's roots). Turning it off releases them all.
+    pub fn set_defer_free(&mut self, on: bool) {
+        self.defer_free = on;
+        if !on {
+            self.release_unlinked(None);
+        }
+    }
+
+    /// The guest frames the tables awaiting release cover, as `[start, end)`.
+    pub fn unlinked_span(&self) -> Option<(Gfn, Gfn)> {
+        let start = self.unlinked.iter().map(|u| u.gfn).min()?;
+        let end = self.unlinked.iter().map(Unlinked::end).max()?;
+        Some((start, end))
+    }
+
+    /// An IOMMU invalidation that drops paging-structure cache entries of `covered` (every
+    /// address when `None`) completed: the unlinked tables inside it are retired. D bits that
+    /// DMA set in a table of leaves after its unlink (through a stale cached entry) are folded
+    /// into the leaf that maps those frames now.
+    pub fn release_unlinked(&mut self, covered: Option<(Gfn, Gfn)>) -> Released {
+        let mut released = Released::default();
+        let pending = core::mem::take(&mut self.unlinked);
+        for u in pending {
+            let inside = covered.is_none_or(|(start, end)| start <= u.gfn && u.end() <= end);
+            if !inside {
+                self.unlinked.push(u);
+                continue;
+            }
+            if let Some(before) = u.dirty_at_unlink {
+                released.late_dirty += self.fold_late_dirty(&u, &before);
+            }
+            self.free_pages(u.pa, u.level);
+            released.tables += 1;
+        }
+        released
+    }
+
+    /// Sets D on the leaves of `u.root` now mapping the frames whose entries in the unlinked
+    /// table `u` gained D since `before`; returns how many did.
+    fn fold_late_dirty(&self, u: &Unlinked, before: &[u64; 8]) -> u64 {
+        let Some(table) = self.alloc.table(u.pa) else {
+            return 0;
+        };
+        let mut late = 0;
+        for (i, sptep) in table.iter().enumerate() {
+            let e = sptep.load(Ordering::Acquire);
+            let was = before.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0);
+            if e & self.format.dirty == 0 || was || !self.format.is_present(e) {
+                continue;
+            }
+            let gfn = u.gfn + i as u64 * u.level.frames();
+            let now = TdpIter::new(&self.alloc, self.format, u.root, Level::L1, gfn, gfn + 1)
+                .find(|p| self.format.is_present(p.old) && self.format.is_leaf(p.old, p.level));
+            if let Some(leaf) = now {
+                leaf.sptep.fetch_or(self.format.dirty, Ordering::AcqRel);
+                late += 1;
+            }
+        }
+        late
     }
 
     fn walk(&self, root: Hpa, min_level: Level, start: Gfn, end: Gfn) -> TdpIter<'_, A> {
@@ -502,6 +644,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         let mut out = Outcome::default();
         let mut iter = TdpIter::new(&self.alloc, self.format, root_pa, level, gfn, end);
         let mut traces = Vec::new();
+        let mut unlinked = Vec::new();
         while let Some(pos) = iter.next() {
             if pos.level > level {
                 if self.format.is_present(pos.old) {
@@ -543,7 +686,12 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                 // An empty table where the huge leaf goes (checked above): replace it.
                 self.set_present(pos, new, &mut out);
                 if let Some(below) = pos.level.down() {
-                    self.free_subtree(self.format.addr(pos.old), below, &mut out);
+                    unlinked.push(Unlinked::table(
+                        self.format.addr(pos.old),
+                        below,
+                        pos.gfn,
+                        root_pa,
+                    ));
                 }
                 out.entries += 1;
                 continue;
@@ -560,6 +708,9 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             if self.trace_sptes {
                 traces.push((pos.gfn, pos.level, pos.old, new));
             }
+        }
+        for table in unlinked {
+            self.unlink(table, &mut out);
         }
         for (g, l, old, new) in traces {
             self.trace_spte(g, l, old, new);
@@ -670,6 +821,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         }
         let mut out = Outcome::default();
         let mut traces = Vec::new();
+        let mut unlinked = Vec::new();
         let mut iter = self.walk(root_pa, Level::L1, gfn, end);
         while let Some(pos) = iter.next() {
             if !self.format.is_present(pos.old) {
@@ -688,10 +840,18 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                 pos.sptep.store(self.format.nonpresent, Ordering::Release);
                 iter.skip_children();
                 if let Some(below) = pos.level.down() {
-                    self.free_subtree(self.format.addr(pos.old), below, &mut out);
+                    unlinked.push(Unlinked::table(
+                        self.format.addr(pos.old),
+                        below,
+                        pos.gfn,
+                        root_pa,
+                    ));
                 }
                 out.flush_needed = true;
             }
+        }
+        for table in unlinked {
+            self.unlink(table, &mut out);
         }
         for (g, l, old) in traces {
             self.trace_spte(g, l, old, self.format.nonpresent);
@@ -969,19 +1129,35 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         if late_ad & !folded_ad != 0 {
             pos.sptep.fetch_or(late_ad, Ordering::AcqRel);
         }
-        self.alloc.free_table(child);
+        let mut dirty_at_unlink = [0u64; 8];
+        for (i, e) in table.iter().enumerate() {
+            if e.load(Ordering::Acquire) & self.format.dirty != 0 {
+                dirty_at_unlink[i / 64] |= 1 << (i % 64);
+            }
+        }
         let huge_gfn = pos.gfn;
+        let mut out = Outcome {
+            entries: 1,
+            tables_allocated: 0,
+            tables_freed: 0,
+            flush_needed: true,
+        };
+        // The child's leaves were counted in the huge leaf: only its page is retired.
+        let mut counted = Outcome::default();
+        self.unlink(
+            Unlinked {
+                dirty_at_unlink: Some(dirty_at_unlink),
+                ..Unlinked::table(child, small, huge_gfn, root_pa)
+            },
+            &mut counted,
+        );
+        out.tables_freed = counted.tables_freed;
         self.trace_spte(huge_gfn, level, old, huge);
         self.emit(EventKind::HugePageCollapse {
             gfn: huge_gfn,
             level: level.get(),
         });
-        Ok(Outcome {
-            entries: 1,
-            tables_allocated: 0,
-            tables_freed: 1,
-            flush_needed: true,
-        })
+        Ok(out)
     }
 
     fn leaf_of(&self, p: &IterPos<'_>) -> Leaf {
