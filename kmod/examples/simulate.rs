@@ -97,6 +97,9 @@ fn print_table(runs: &[ModeRun]) {
         ("time in pre-population [measured]", |r| {
             ms(r.totals.prepop_ns)
         }),
+        ("  mmu_lock yields / largest batch (entries)", |r| {
+            format!("{} / {}", r.totals.prepop_yields, r.totals.prepop_max_batch)
+        }),
         ("root updates (IOMMU re-pointed)", |r| {
             r.totals.iommu_root_updates.to_string()
         }),

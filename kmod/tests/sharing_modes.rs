@@ -734,3 +734,17 @@ fn unlinked_tables_wait_for_a_full_invalidation_and_splits_need_only_leaves() {
         );
     });
 }
+
+#[test]
+fn pre_population_yields_mmu_lock_between_bounded_batches() {
+    let mut cfg = config();
+    cfg.huge_pages = false;
+    with_vm(ShareMode::Optimized, cfg, vtd(), |vm, _, _| {
+        // 1 GiB in 4 KiB leaves: 262,144 entries, eight batches.
+        vm.engine.add_slot(slot(1, 1 << 30, 1 << 30)).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        let t = vm.engine.totals;
+        assert_eq!(t.prepop_max_batch, tdpshare::sharing::PREPOP_BATCH);
+        assert_eq!(t.prepop_yields, 7);
+    });
+}

@@ -91,6 +91,10 @@ pub struct Totals {
     pub iopf_resolved: u64,
     /// TDP page faults of vCPUs handled.
     pub cpu_faults: u64,
+    /// Times pre-population dropped and retook `mmu_lock` between bounded batches.
+    pub prepop_yields: u64,
+    /// Most entries one pre-population wrote without yielding the lock.
+    pub prepop_max_batch: u64,
 }
 
 /// An active sharing session.
@@ -115,6 +119,9 @@ pub struct SharingVm<P: Platform> {
     /// The IOMMU's own table, used when not sharing (`None`: none attached).
     fallback_root: Option<Hpa>,
     pub(crate) pinner: P::Pinner,
+    /// `mmu_lock` is held (for the engine's work on the tables): nothing that may sleep —
+    /// pinning — may run (the kernel's `might_sleep` check).
+    pub(crate) lock_held: bool,
     pub(crate) cpu_root: Option<RootId>,
     pub(crate) smm_root: Option<RootId>,
     pub(crate) session: Option<Session>,
@@ -192,6 +199,7 @@ impl<P: Platform> SharingVm<P> {
             iommu,
             fallback_root,
             pinner,
+            lock_held: false,
             cpu_root: None,
             smm_root: None,
             session: None,
@@ -631,7 +639,13 @@ impl<P: Platform> SharingVm<P> {
 
     // ---- pinning -------------------------------------------------------------------------
 
+    /// Pins `slot` for DMA. Pinning faults pages in and may sleep: never under `mmu_lock`.
     pub(crate) fn pin_slot(&mut self, slot: &Memslot) -> Result<(), SharingError> {
+        if self.lock_held {
+            return Err(SharingError::State(
+                "pinning may sleep and must not run under mmu_lock",
+            ));
+        }
         let ns = self.pinner.pin(slot)?;
         self.clock.charge(ns);
         self.totals.pin_ns += ns;
@@ -668,5 +682,57 @@ impl<P: Platform> SharingVm<P> {
             census[usize::from(l.level.get()) - 1] += 1;
         }
         Some(census)
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use crate::decision::addr::Gpa;
+    use crate::event::clock::{ManualClock, MonotonicClock};
+    use crate::iommu::{CostModel, DmaWalker, IommuDomain, Iotlb};
+    use crate::sharing::pin::{ModelledPinner, PinCostModel};
+    use crate::sim::{SharedSink, SimPlatform};
+    use crate::table::page_alloc::Arena;
+    use alloc::boxed::Box;
+
+    #[test]
+    fn pinning_is_refused_under_mmu_lock() {
+        let arena = Arena::new(64).unwrap();
+        let iotlb = Iotlb::new(16, CostModel::default());
+        let domain = IommuDomain::new(1, DmaWalker::native(&crate::PteFormat::EPT4, true), &iotlb);
+        let clock = ManualClock::new(0);
+        let parts: Parts<SimPlatform<'_>> = Parts {
+            alloc: &arena,
+            iommu: &domain,
+            pinner: Box::new(ModelledPinner::new(PinCostModel::default(), true)),
+            sink: SharedSink::default(),
+            clock: &clock,
+            timer: MonotonicClock::new(),
+        };
+        let scenario =
+            crate::sim::Scenario::parse(std::path::Path::new("t.toml"), "name = \"t\"\n").unwrap();
+        let vm = Vm::new(1, scenario.vm.config(), 1);
+        let mut engine = SharingVm::new(vm, ShareMode::Optimized, None, parts);
+        let slot = Memslot {
+            id: 0,
+            as_id: 0,
+            gpa: Gpa(0),
+            size: 2 << 20,
+            flags: 0,
+            hpa: Hpa(0x40_0000_0000),
+            kind: SlotKind::User,
+        };
+        engine.lock_held = true;
+        assert_eq!(
+            engine.pin_slot(&slot),
+            Err(SharingError::State(
+                "pinning may sleep and must not run under mmu_lock"
+            ))
+        );
+        assert_eq!(engine.pinner.pinned_pages(), 0);
+        engine.lock_held = false;
+        engine.pin_slot(&slot).unwrap();
+        assert_eq!(engine.pinner.pinned_pages(), 512);
     }
 }

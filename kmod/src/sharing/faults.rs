@@ -2,12 +2,16 @@
 //! IOMMU reports — resolved through the same TDP fault path where the mode takes IO page faults
 //! (the 2023 RFC), reported unresolved otherwise.
 
-use crate::decision::addr::{Gfn, Iova, Level};
+use crate::decision::addr::{Gfn, Iova};
 use crate::decision::format::Perms;
 use crate::event::{EventKind, RootCause};
 use crate::sharing::engine::{SharingError, SharingVm};
 use crate::sharing::platform::Platform;
-use crate::table::mmu::{Mapping, MmuError, RootId};
+use crate::table::mmu::{Fault, FaultResult, RootId};
+
+/// Re-entries of a faulting vCPU before the engine gives up (with one thread, only an entry left
+/// frozen — a bug — makes a fault retry at all).
+const FAULT_RETRIES: u32 = 16;
 
 /// Page-fault error code bits (x86 `PFERR_*`), as KVM's fault path and the `kvm_page_fault`
 /// tracepoint carry them.
@@ -114,36 +118,39 @@ impl<P: Platform> SharingVm<P> {
         };
         let end = base_gfn + frames;
         let attrs = self.leaf_attrs(pinned);
-        let mut level = max_level;
-        loop {
-            // The leaf of this level holding `gfn`, if it lies inside the backing and the host
-            // address is aligned like the guest one.
-            let start = gfn.align_down(level);
-            let inside = start >= base_gfn && start + level.frames() <= end;
-            let fits = inside && hpa.offset_frames(start - base_gfn).is_aligned(level.size());
-            let below = level.down();
-            if below.is_none() || fits {
-                let start = if fits { start } else { gfn };
-                let m = Mapping {
-                    gfn: start,
-                    frames: level.frames(),
-                    hpa: hpa.offset_frames(start - base_gfn),
-                    level,
-                    perms,
-                    attrs,
-                };
-                match self.cpu.map(root, &m) {
-                    Ok(_) => return Ok(true),
-                    Err(MmuError::Occupied { level: l, .. }) if l > level => return Ok(true),
-                    Err(MmuError::Occupied { .. }) if level > Level::L1 => {
-                        level = below.unwrap_or(Level::L1);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            } else {
-                level = below.unwrap_or(Level::L1);
+        // Already mapped (another vCPU, or the device's pre-population, got there first).
+        if self.cpu.lookup(root, gfn)?.is_some() {
+            return Ok(true);
+        }
+        // kvm_mmu_hugepage_adjust: the largest leaf holding `gfn` that lies inside the backing
+        // with host and guest addresses aligned alike.
+        let mut goal = max_level;
+        while let Some(below) = goal.down() {
+            let start = gfn.align_down(goal);
+            let inside = start >= base_gfn && start + goal.frames() <= end;
+            if inside && hpa.offset_frames(start - base_gfn).is_aligned(goal.size()) {
+                break;
+            }
+            goal = below;
+        }
+        let fault = Fault {
+            gfn,
+            hpa: hpa.offset_frames(gfn - base_gfn),
+            goal,
+            perms,
+            attrs,
+        };
+        // mmu_lock for read: the fault path runs concurrently with other vCPUs' faults. A
+        // retry is the vCPU re-entering the guest and faulting again.
+        for _ in 0..FAULT_RETRIES {
+            match self.cpu.fault_in(root, &fault)? {
+                FaultResult::Mapped { .. } | FaultResult::Spurious { .. } => return Ok(true),
+                FaultResult::Retry => {}
             }
         }
+        Err(SharingError::State(
+            "a TDP fault kept retrying: an entry stays frozen",
+        ))
     }
 
     /// A write to a write-protected page: dirty logging records it and restores write access.

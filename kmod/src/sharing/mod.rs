@@ -22,4 +22,5 @@ pub use faults::error_code;
 pub use pin::RealMemoryPinner;
 pub use pin::{CostSource, ModelledPinner, PinCostModel, PinError, Pinner};
 pub use platform::{IommuDriver, Parts, Platform};
+pub use prepopulate::PREPOP_BATCH;
 pub use vm::{Memslot, MmioRange, PrivateKind, SlotKind, Vm, VmConfig};

@@ -1,24 +1,39 @@
 //! The TDP MMU: roots, and the operations that change their tables, modelled on Linux's
 //! `arch/x86/kvm/mmu/tdp_mmu.c`.
 //!
-//! **Locking rule** (one for the whole type): every operation that changes a table takes
-//! `&mut self` — one writer at a time, as KVM's `mmu_lock` held for write. Hardware walkers (vCPUs
-//! and the IOMMU) read the same tables concurrently and may set accessed/dirty bits, so:
+//! **Locking rule** — KVM's `mmu_lock`, a reader-writer lock, as Rust borrows. An operation
+//! that takes `&mut self` runs with the lock held for write: alone. One that takes `&self` runs
+//! with it held for read, concurrently with other such writers (6.12: faults, eager huge-page
+//! splits, dirty-log clearing and write-protection, `tdp_mmu_set_spte_atomic`); each function
+//! says which. Hardware walkers (vCPUs and the IOMMU) read the tables all the while and may set
+//! accessed/dirty bits. Hence:
 //!
-//! 1. every table is completely built before it is linked, with a single atomic store or
-//!    compare-and-swap of its parent entry;
-//! 2. every change of a present entry is a compare-and-swap against the value read (a lost race
-//!    with a hardware A/D update is retried, never overwritten);
-//! 3. an entry marked *pinned* (DMA may hit it at any time, there are no IO page faults) only
-//!    changes non-zero → non-zero: a huge-page split installs the complete child table in one
-//!    compare-and-swap, a collapse installs the complete huge leaf in one, a permission change
-//!    rewrites the leaf in one; pinned leaves are never zapped nor re-pointed to another frame —
-//!    such requests fail with an error and change nothing;
-//! 4. an unlinked table is retired through [`PageAllocator::free_table`], which defers reuse
-//!    until every walker that might still see it is gone (RCU).
+//! 1. every table is completely built before it is linked, with a single atomic store (write
+//!    lock) or compare-and-swap (read lock; a lost race frees the never-linked table) of its
+//!    parent entry;
+//! 2. every change of an entry under the read lock, and of a present entry under either, is a
+//!    compare-and-swap against the value read: a lost race is re-evaluated against the new
+//!    value (hardware A/D bits carried over, another writer's change respected), never
+//!    overwritten;
+//! 3. a writer under the read lock that must take a leaf away parks it at `FROZEN_SPTE` first
+//!    (other writers skip or retry it), flushes, and only then clears it
+//!    ([`TdpMmu::zap_leaf_atomic`]);
+//! 4. an entry marked *pinned* (DMA may hit it at any time, there are no IO page faults) stays
+//!    present to the IOMMU with at least its read/write rights: a huge-page split installs the
+//!    complete child table in one compare-and-swap, a collapse installs the complete huge leaf
+//!    in one, a permission change rewrites the leaf in one; pinned leaves are never zapped,
+//!    frozen, re-pointed to another frame, nor made read-only — such requests fail with an
+//!    error. Operations that remove a table holding pinned leaves take the write lock: under the
+//!    read lock KVM freezes the removed table's entries (`handle_removed_pt`), which would make
+//!    them non-present to an IOMMU still walking the table through its paging-structure cache;
+//! 5. an unlinked table is retired through [`PageAllocator::free_table`], which defers reuse
+//!    until every software walker that might still see it is gone (RCU), and — while an IOMMU
+//!    walks this MMU's roots — only after an IOMMU invalidation that covers it
+//!    ([`TdpMmu::release_unlinked`]).
 //!
-//! Every operation checks its whole request before it changes anything, so an error leaves the
-//! tables as they were. The IOTLB flush a change needs is the caller's job (the outcome says
+//! Under the write lock every operation checks its whole request before it changes anything,
+//! so an error leaves the tables as they were; under the read lock a request is atomic per
+//! entry, as in KVM. The IOTLB flush a change needs is the caller's job (the outcome says
 //! whether one is needed), because the caller knows how to batch them.
 
 use alloc::vec::Vec;
@@ -33,6 +48,10 @@ use crate::event::{
 };
 use crate::table::iter::{IterPos, TdpIter};
 use crate::table::page_alloc::PageAllocator;
+use crate::table::sync::SpinLock;
+
+mod shared;
+pub use shared::{Fault, FaultResult};
 
 /// Names a root of this MMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -276,7 +295,7 @@ pub struct TdpMmu<A: PageAllocator, S, C> {
     format: PteFormat,
     /// Largest level leaves may use (negotiated with the IOMMU when shared).
     max_leaf_level: Level,
-    sink: S,
+    sink: SpinLock<S>,
     clock: C,
     vm: VmId,
     source: Source,
@@ -313,7 +332,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             alloc,
             format,
             max_leaf_level: format.max_huge_level,
-            sink,
+            sink: SpinLock::new(sink),
             clock,
             vm,
             source: Source::Simulator,
@@ -353,7 +372,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     pub fn sink(&mut self) -> &mut S {
-        &mut self.sink
+        self.sink.get_mut()
     }
 
     pub fn clock(&self) -> &C {
@@ -372,12 +391,14 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
             .ok_or(MmuError::NoRoot(id))
     }
 
-    fn emit(&mut self, kind: EventKind) {
+    /// Reports `kind`. Writers holding the lock for read report concurrently: the sink is
+    /// behind its own spinlock (kernel: per-CPU trace buffers).
+    fn emit(&self, kind: EventKind) {
         let event = Event::new(self.clock.now_ns(), self.vm, self.source, kind);
-        self.sink.emit(event);
+        self.sink.lock().emit(event);
     }
 
-    fn trace_spte(&mut self, gfn: Gfn, level: Level, old: u64, new: u64) {
+    fn trace_spte(&self, gfn: Gfn, level: Level, old: u64, new: u64) {
         if self.trace_sptes {
             let f = &self.format;
             let (old, new) = (
@@ -866,9 +887,10 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
 
     /// Gives every leaf covering the range the rights `perms` (a huge leaf that overlaps changes
     /// whole). A pinned leaf may gain rights, present → present, but not lose read or write: DMA
-    /// may use it at any time ([`MmuError::PinnedRights`], nothing changed).
+    /// may use it at any time ([`MmuError::PinnedRights`]; nothing changed unless a pinned leaf
+    /// appeared during the walk). Lock: read.
     pub fn set_perms(
-        &mut self,
+        &self,
         root: RootId,
         gfn: Gfn,
         frames: u64,
@@ -879,18 +901,15 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
 
     /// Write-protects every leaf covering the range for dirty logging (W cleared, MMU-writable
     /// kept). Only where the device takes IO page faults: a pinned leaf is refused
-    /// ([`MmuError::PinnedRights`]) — its device would fault.
-    pub fn write_protect(
-        &mut self,
-        root: RootId,
-        gfn: Gfn,
-        frames: u64,
-    ) -> Result<Outcome, MmuError> {
+    /// ([`MmuError::PinnedRights`]) — its device would fault. Lock: read (6.12's
+    /// `wrprot_gfn_range`).
+    pub fn write_protect(&self, root: RootId, gfn: Gfn, frames: u64) -> Result<Outcome, MmuError> {
         self.change_leaves(root, gfn, frames, true, |f, e| f.write_protected(e))
     }
 
-    /// Marks every leaf covering the range pinned or not (non-zero → non-zero): sharing starts
-    /// or stops holding DMA pins on it.
+    /// Marks every leaf covering the range pinned or not (present → present): sharing starts
+    /// or stops holding DMA pins on it. Lock: write — the pinned set is stable under the read
+    /// lock.
     pub fn set_pinned(
         &mut self,
         root: RootId,
@@ -905,9 +924,11 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
     }
 
     /// Clears the dirty bit of every leaf covering the range; returns the outcome and the
-    /// number of 4 KiB frames the dirty leaves cover.
+    /// number of 4 KiB frames the dirty leaves cover. Lock: read (6.12's
+    /// `clear_dirty_gfn_range`): each leaf by compare-and-swap, so a leaf another writer
+    /// replaced meanwhile is not touched.
     pub fn clear_dirty(
-        &mut self,
+        &self,
         root: RootId,
         gfn: Gfn,
         frames: u64,
@@ -918,12 +939,24 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         let mut out = Outcome::default();
         let mut dirty_frames = 0;
         for pos in self.walk(root_pa, Level::L1, gfn, end) {
-            if self.format.is_present(pos.old) && self.format.is_leaf(pos.old, pos.level) {
-                let old = pos.sptep.fetch_and(!dirty, Ordering::AcqRel);
-                if old & dirty != 0 {
-                    out.entries += 1;
-                    out.flush_needed = true;
-                    dirty_frames += pos.level.frames();
+            let mut old = pos.old;
+            while self.format.is_present(old)
+                && self.format.is_leaf(old, pos.level)
+                && old & dirty != 0
+            {
+                match pos.sptep.compare_exchange(
+                    old,
+                    old & !dirty,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        out.entries += 1;
+                        out.flush_needed = true;
+                        dirty_frames += pos.level.frames();
+                        break;
+                    }
+                    Err(now) => old = now,
                 }
             }
         }
@@ -932,9 +965,12 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
 
     /// Rewrites every present leaf covering the range with `change`, present → present. With
     /// `guard_pinned`, a change that takes read or write away from a pinned leaf refuses the
-    /// whole request first.
+    /// whole request first, and is skipped (and refused) for a pinned leaf that appears during
+    /// the walk. Lock: read — each leaf by compare-and-swap, re-evaluated when another writer
+    /// or hardware got there first; a leaf zapped, frozen or split meanwhile is left to the
+    /// walk (which steps into a split's new table).
     fn change_leaves(
-        &mut self,
+        &self,
         root: RootId,
         gfn: Gfn,
         frames: u64,
@@ -958,36 +994,44 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         }
         let mut out = Outcome::default();
         let mut traces = Vec::new();
+        let mut refused = None;
         let ad = self.format.ad_bits();
+        let f = &self.format;
         for pos in self.walk(root_pa, Level::L1, gfn, end) {
-            if !self.format.is_present(pos.old) || !self.format.is_leaf(pos.old, pos.level) {
-                continue;
-            }
-            let new = change(&self.format, pos.old);
-            if new & !ad == pos.old & !ad {
-                continue;
-            }
             let mut old = pos.old;
-            loop {
-                let want = change(&self.format, old);
+            while f.is_present(old) && f.is_leaf(old, pos.level) {
+                let want = change(f, old);
+                if want & !ad == old & !ad {
+                    break;
+                }
+                let lost = f.perms(old).without(f.perms(want));
+                if guard_pinned && f.is_pinned(old) && lost.bits() & Perms::RW.bits() != 0 {
+                    refused = refused.or(Some(pos.gfn.max(gfn)));
+                    break;
+                }
                 match pos
                     .sptep
                     .compare_exchange(old, want, Ordering::AcqRel, Ordering::Acquire)
                 {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        out.entries += 1;
+                        out.flush_needed = true;
+                        if self.trace_sptes {
+                            traces.push((pos.gfn, pos.level, old, want));
+                        }
+                        break;
+                    }
                     Err(now) => old = now,
                 }
-            }
-            out.entries += 1;
-            out.flush_needed = true;
-            if self.trace_sptes {
-                traces.push((pos.gfn, pos.level, old, change(&self.format, old)));
             }
         }
         for (g, l, old, new) in traces {
             self.trace_spte(g, l, old, new);
         }
-        Ok(out)
+        match refused {
+            Some(gfn) => Err(MmuError::PinnedRights { gfn }),
+            None => Ok(out),
+        }
     }
 
     /// The entry at `level` covering `gfn`.
@@ -998,8 +1042,12 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
 
     /// Splits the huge leaf of `level` covering `gfn` into a table of leaves one level down.
     /// The child table is built complete, then installed with one compare-and-swap: a walker
-    /// sees either the huge leaf or the full table, never a hole.
-    pub fn split(&mut self, root: RootId, gfn: Gfn, level: Level) -> Result<Outcome, MmuError> {
+    /// sees either the huge leaf or the full table, never a hole. Lock: read (6.12's eager
+    /// split, `tdp_mmu_split_huge_page` with `shared`): when another writer changed the leaf's
+    /// rights or hardware its A/D bits, the child is rebuilt from the new value; when the leaf
+    /// is gone (split, zapped or frozen by another writer), the unlinked child is freed and the
+    /// answer is [`MmuError::NotHuge`].
+    pub fn split(&self, root: RootId, gfn: Gfn, level: Level) -> Result<Outcome, MmuError> {
         let small = match level.down() {
             Some(small) if level <= Level::L3 => small,
             _ => return Err(MmuError::NotHuge { gfn, level }),
@@ -1019,6 +1067,11 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         let ad = self.format.ad_bits();
         let mut old = pos.old;
         loop {
+            if !self.format.is_present(old) || !self.format.is_leaf(old, level) {
+                // Never linked: no walker can hold it.
+                self.alloc.free_table(child);
+                return Err(MmuError::NotHuge { gfn, level });
+            }
             let first = self.format.leaf(
                 self.format.addr(old),
                 small,
@@ -1037,7 +1090,8 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => break,
-                Err(now) => old = now, // hardware set A/D meanwhile: rebuild with them
+                // Hardware set A/D or another writer changed the leaf: rebuild from it.
+                Err(now) => old = now,
             }
         }
         let out = Outcome {

@@ -11,7 +11,10 @@ pub mod page_alloc;
 pub mod sync;
 
 pub use iter::{IterPos, TdpIter};
-pub use mmu::{Census, Leaf, Malformed, Mapping, MmuError, Outcome, RootId, RootInfo, TdpMmu};
+pub use mmu::{
+    Census, Fault, FaultResult, Leaf, Malformed, Mapping, MmuError, Outcome, RootId, RootInfo,
+    TdpMmu,
+};
 #[cfg(feature = "std")]
 pub use page_alloc::Arena;
 pub use page_alloc::{PageAllocator, Table};
