@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! cargo run -p tdpshare --features std --example simulate -- kmod/scenarios/boot-8g.toml
-//!     [--mode MODE]... [--real-memory] [--no-huge-pages] [--trace OUT.jsonl] [--no-verify]
+//!     [--mode MODE]... [--kernel 6.12|pre-6.4] [--real-memory] [--no-huge-pages]
+//!     [--trace OUT.jsonl] [--no-verify]
 //! ```
 //! SCENARIO is a `.toml` scenario or a recorded trace (`.jsonl`), replayed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tdpshare::decision::kvm::KvmKernel;
 use tdpshare::event::{EventKind, PrepopCause, ShareMode, Source};
 use tdpshare::sim::{ModeRun, RunOptions, Scenario, run_mode};
 use tdpshare::{Header, TraceFile};
@@ -19,17 +21,20 @@ struct Args {
     real_memory: bool,
     verify: bool,
     no_huge_pages: bool,
+    kernel: Option<KvmKernel>,
     trace: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: simulate SCENARIO.toml|TRACE.jsonl [--mode MODE]... [--real-memory] [--no-huge-pages] [--trace OUT.jsonl] [--no-verify]
-modes: pin_prepopulate, exported_iopf, separate_table, optimized";
+const USAGE: &str = "usage: simulate SCENARIO.toml|TRACE.jsonl [--mode MODE]... [--kernel 6.12|pre-6.4] [--real-memory] [--no-huge-pages] [--trace OUT.jsonl] [--no-verify]
+modes: pin_prepopulate, exported_iopf, separate_table, optimized
+kernels: 6.12 (roots persist until invalidated), pre-6.4 (a root goes with its last vCPU)";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut scenario = None;
     let mut modes = Vec::new();
     let (mut real_memory, mut verify, mut trace, mut no_huge_pages) = (false, true, None, false);
+    let mut kernel = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--mode" => {
@@ -38,6 +43,13 @@ fn parse_args() -> Result<Args, String> {
                     .parse::<ShareMode>()
                     .map_err(|e| format!("unknown mode {m:?}: {e}"))?;
                 modes.push(mode);
+            }
+            "--kernel" => {
+                let k = args.next().ok_or("--kernel needs a value")?;
+                kernel = Some(
+                    k.parse::<KvmKernel>()
+                        .map_err(|e| format!("unknown kernel {k:?}: {e}"))?,
+                );
             }
             "--real-memory" => real_memory = true,
             "--no-verify" => verify = false,
@@ -54,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
         real_memory,
         verify,
         no_huge_pages,
+        kernel,
         trace,
     })
 }
@@ -187,6 +200,14 @@ fn run() -> Result<(), String> {
     if args.no_huge_pages {
         scenario.vm.huge_pages = false;
         scenario.name.push_str(" (4 KiB host pages)");
+    }
+    if let Some(kernel) = args.kernel {
+        scenario.vm.kernel = kernel;
+    }
+    if scenario.vm.kernel != KvmKernel::default() {
+        scenario
+            .name
+            .push_str(&format!(" (KVM {})", scenario.vm.kernel));
     }
     let modes = if args.modes.is_empty() {
         scenario.sharing.modes.clone()

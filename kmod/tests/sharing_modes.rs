@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use tdpshare::decision::caps::IommuCaps;
+use tdpshare::decision::kvm::KvmKernel;
 use tdpshare::event::clock::{ManualClock, MonotonicClock};
 use tdpshare::event::{EventKind, FlushScope, RootCause};
 use tdpshare::iommu::{Access, CostModel, DmaWalker, IommuDomain, Iotlb};
@@ -325,18 +326,31 @@ fn smm_keeps_the_shared_root_alive_for_the_iommu() {
                 .any(|e| matches!(e.kind, EventKind::RootSwitch(r) if r.smm))
         );
     });
-    // Without sharing, KVM frees the normal root once every vCPU is in SMM.
-    with_vm(ShareMode::Optimized, config(), vtd(), |vm, sink, _| {
-        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
-        vm.touch(0, Gpa(0), 4096, false).unwrap();
-        vm.engine.smm(0, true).unwrap();
-        vm.engine.smm(1, true).unwrap();
-        assert_eq!(vm.engine.cpu_root(), None);
-        let freed = sink.take().iter().any(
-            |e| matches!(e.kind, EventKind::RootFree(r) if r.cause == RootCause::Smm && !r.smm),
-        );
-        assert!(freed);
-    });
+    // Without sharing: 6.12 keeps the normal root while every vCPU is in SMM (roots persist
+    // until invalidated); before 6.4 the last vCPU to unload it freed it.
+    for (kernel, kept) in [(KvmKernel::V6_12, true), (KvmKernel::Pre6_4, false)] {
+        let mut cfg = config();
+        cfg.kernel = kernel;
+        with_vm(ShareMode::Optimized, cfg, vtd(), |vm, sink, _| {
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.touch(0, Gpa(0), 4096, false).unwrap();
+            vm.touch(1, Gpa(0), 4096, false).unwrap();
+            let root = vm.engine.cpu_root().unwrap();
+            vm.engine.smm(0, true).unwrap();
+            vm.engine.smm(1, true).unwrap();
+            assert_eq!(vm.engine.cpu_root().is_some(), kept, "{kernel}");
+            let freed = sink.take().iter().any(
+                |e| matches!(e.kind, EventKind::RootFree(r) if r.cause == RootCause::Smm && !r.smm),
+            );
+            assert_eq!(freed, !kept, "{kernel}");
+            vm.engine.smm(0, false).unwrap();
+            assert_eq!(
+                vm.engine.cpu_root() == Some(root),
+                kept,
+                "{kernel}: the same root back"
+            );
+        });
+    }
 }
 
 #[test]
@@ -746,5 +760,91 @@ fn pre_population_yields_mmu_lock_between_bounded_batches() {
         let t = vm.engine.totals;
         assert_eq!(t.prepop_max_batch, tdpshare::sharing::PREPOP_BATCH);
         assert_eq!(t.prepop_yields, 7);
+    });
+}
+
+/// Full pre-populations and IOMMU root updates of the 2021 design for `steps` on `kernel`.
+fn seed_root_updates(kernel: KvmKernel, steps: impl Fn(&mut Machine<'_, SimPlatform<'_>>)) -> u64 {
+    let mut cfg = config();
+    cfg.kernel = kernel;
+    with_vm(ShareMode::PinPrepopulate, cfg, vtd(), |vm, _, _| {
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.engine.request_sharing(&vtd()).unwrap();
+        steps(vm);
+        // The device never lost its pinned memory on the way.
+        assert_eq!(vm.verify_pinned_dma(), 0, "{kernel}");
+        vm.engine.totals.iommu_root_updates
+    })
+}
+
+#[test]
+fn before_6_4_every_context_reset_of_the_last_vcpu_gives_the_2021_design_a_new_root() {
+    use tdpshare::decision::kvm::{CR0_PG, CR0_RESET, CR0_WP};
+    let paging = CR0_RESET | CR0_PG | 1;
+    // One vCPU running (early boot): SMI + RSM, then three CR0.WP toggles.
+    let boot = |vm: &mut Machine<'_, SimPlatform<'_>>| {
+        vm.touch(0, Gpa(0), 4096, false).unwrap();
+        vm.engine.cr_write(0, 0, Some(paging)).unwrap();
+        vm.engine.smm(0, true).unwrap();
+        // In SMM the root of the normal address space may be gone for KVM, not for the device.
+        assert_eq!(vm.verify_pinned_dma(), 0);
+        vm.dma(Iova(0), 1 << 20, true, 4096).unwrap();
+        vm.engine.smm(0, false).unwrap();
+        for wp in [true, false, true] {
+            let cr0 = if wp { paging | CR0_WP } else { paging };
+            vm.engine.cr_write(0, 0, Some(cr0)).unwrap();
+        }
+        assert_eq!(vm.device.dma_faults, 0);
+    };
+    // 6.12: the root persists through all of it.
+    assert_eq!(seed_root_updates(KvmKernel::V6_12, boot), 0);
+    // Before 6.4: CR0.PG on, the SMI, the RSM (the SMM root goes, the normal root is gone
+    // already) and the three WP toggles each unload the only loaded root: PG, SMI and the WP
+    // toggles hand the IOMMU a new root (5); leaving SMM finds the one made at the SMI.
+    assert_eq!(seed_root_updates(KvmKernel::Pre6_4, boot), 5);
+    // A second vCPU holding the root keeps it: a reset of one vCPU frees nothing.
+    let two = |vm: &mut Machine<'_, SimPlatform<'_>>| {
+        vm.touch(0, Gpa(0), 4096, false).unwrap();
+        vm.touch(1, Gpa(0), 4096, false).unwrap();
+        vm.engine.cr_write(0, 0, Some(paging | CR0_WP)).unwrap();
+        vm.engine.smm(0, true).unwrap();
+        vm.engine.smm(0, false).unwrap();
+    };
+    assert_eq!(seed_root_updates(KvmKernel::Pre6_4, two), 0);
+    // A write whose value was not recorded counts as a role change (an upper bound).
+    let unknown = |vm: &mut Machine<'_, SimPlatform<'_>>| {
+        vm.touch(0, Gpa(0), 4096, false).unwrap();
+        vm.engine.cr_write(0, 4, None).unwrap();
+    };
+    assert_eq!(seed_root_updates(KvmKernel::Pre6_4, unknown), 1);
+    assert_eq!(seed_root_updates(KvmKernel::V6_12, unknown), 0);
+}
+
+#[test]
+fn after_a_fast_zap_vcpus_load_a_new_root_on_their_next_entry() {
+    with_vm(ShareMode::SeparateTable, config(), vtd(), |vm, sink, _| {
+        vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+        vm.engine.add_slot(slot(1, 1 << 30, 1 << 30)).unwrap();
+        vm.touch(0, Gpa(0), 4096, false).unwrap();
+        let old = vm.engine.cpu_root().unwrap();
+        sink.take();
+        vm.engine.delete_slot(0, 1).unwrap();
+        // Invalidated and — no vCPU still holding it — freed; no new root until an entry.
+        assert_eq!(vm.engine.cpu_root(), None);
+        let events = sink.take();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::RootFree(r) if r.root == old.0))
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::RootAlloc(_)))
+        );
+        vm.touch(0, Gpa(0), 4096, false).unwrap();
+        let new = vm.engine.cpu_root().unwrap();
+        assert_ne!(new, old);
+        assert_eq!(vm.engine.root_refs().count(), 1);
     });
 }

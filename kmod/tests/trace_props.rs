@@ -191,6 +191,12 @@ fn kind() -> impl Strategy<Value = EventKind> {
                 resolved,
             }
         }),
+        any::<bool>().prop_map(|enter| EventKind::SmmTransition { enter }),
+        (
+            prop_oneof![Just(0u8), Just(4u8)],
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(cr, value)| EventKind::CrWrite { cr, value }),
     ]
 }
 

@@ -11,7 +11,7 @@ use tdpshare::event::{
     Source, SpteFlags,
 };
 use tdpshare::{Gfn, Gpa, Iova, Kind, Level, PteFormat, SlotTracker};
-use tdpshare_probes_common::{ProbeId, Record};
+use tdpshare_probes_common::{ProbeId, Record, is_cr_write_exit};
 
 use crate::btf::RoleLayout;
 use crate::tracefs::Format;
@@ -52,6 +52,12 @@ pub struct Decoder {
     roots: HashMap<u32, u64>,
     /// The root level seen for each VM (4 or 5) once a root of that level appeared.
     vm_root_levels: HashMap<u32, u8>,
+    /// The vCPU each thread runs, from the records that name it.
+    vcpu_of_thread: HashMap<u32, u32>,
+    /// Per thread: a CR write seen only as its exit (with the exit's CLOCK_MONOTONIC time),
+    /// held until the thread's next record tells whether `kvm_cr` reports the same write with
+    /// its value.
+    pending_cr: HashMap<u32, (u64, Event)>,
     /// Records that could not be decoded (a field missing from the format, a bad memslot call).
     pub undecodable: u64,
     /// Records decoded into no event on purpose (failed ioctls, non-root page allocations,
@@ -74,6 +80,8 @@ impl Decoder {
             slots: HashMap::new(),
             roots: HashMap::new(),
             vm_root_levels: HashMap::new(),
+            vcpu_of_thread: HashMap::new(),
+            pending_cr: HashMap::new(),
             undecodable: 0,
             uneventful: 0,
         }
@@ -101,7 +109,9 @@ impl Decoder {
         self.formats.get(&id)?.read_u64(&r.data, name).ok()?
     }
 
-    /// The events of one record (none, one, or two for a DMA map that also pins).
+    /// The events of one record (none, one, or two for a DMA map that also pins). A CR write
+    /// seen as a VM exit is held back until the same thread's next record: when that is
+    /// `kvm_cr` reporting the write with its value, only that one is kept.
     pub fn decode(&mut self, r: &Record) -> Vec<Event> {
         let kinds = match self.kinds(r) {
             Ok(k) => k,
@@ -114,16 +124,51 @@ impl Decoder {
             self.uneventful += 1;
         }
         let ts = r.ts_ns.saturating_sub(self.start_mono_ns);
-        kinds
-            .into_iter()
-            .map(|(kind, vcpu)| Event {
+        let mut out = Vec::new();
+        if let Some((_, held)) = self.pending_cr.remove(&r.tid) {
+            let same_write = kinds.iter().any(|(k, _)| {
+                matches!((k, &held.kind),
+                    (EventKind::CrWrite { cr, value: Some(_) }, EventKind::CrWrite { cr: c, .. })
+                        if cr == c)
+            });
+            if same_write {
+                self.uneventful += 1;
+            } else {
+                out.push(held);
+            }
+        }
+        for (kind, vcpu) in kinds {
+            let event = Event {
                 ts_ns: ts,
                 vm: u64::from(r.tgid),
                 vcpu,
                 source: Source::Live,
                 kind,
-            })
-            .collect()
+            };
+            if r.probe == ProbeId::KvmExit as u32 {
+                self.pending_cr.insert(r.tid, (r.ts_ns, event));
+            } else {
+                out.push(event);
+            }
+        }
+        out
+    }
+
+    /// The CR writes held back since before `before_mono_ns` (CLOCK_MONOTONIC) whose thread
+    /// said nothing more: no `kvm_cr` reported them, they stand as they are.
+    pub fn flush_pending(&mut self, before_mono_ns: u64) -> Vec<Event> {
+        let due: Vec<u32> = self
+            .pending_cr
+            .iter()
+            .filter(|(_, (at, _))| *at < before_mono_ns)
+            .map(|(&tid, _)| tid)
+            .collect();
+        let mut out: Vec<Event> = due
+            .into_iter()
+            .filter_map(|tid| self.pending_cr.remove(&tid).map(|(_, e)| e))
+            .collect();
+        out.sort_by_key(|e| e.ts_ns);
+        out
     }
 
     /// Whether a shadow page of `role` at `gfn` is (the first page of) a root, and the root's
@@ -226,13 +271,45 @@ impl Decoder {
                     new: SpteFlags::of_entry(&self.spte, f("new_spte")?, level),
                 })
             }
-            ProbeId::KvmPageFault => Ok(vec![(
-                EventKind::PageFault {
+            ProbeId::KvmPageFault => {
+                let vcpu = f("vcpu_id")? as u32;
+                let kind = EventKind::PageFault {
                     gfn: Gpa(f("fault_address")?).gfn(),
                     error_code: f("error_code")?,
-                },
-                Some(f("vcpu_id")? as u32),
-            )]),
+                };
+                self.vcpu_of_thread.insert(r.tid, vcpu);
+                Ok(vec![(kind, Some(vcpu))])
+            }
+            ProbeId::KvmSmmTransition => {
+                let vcpu = f("vcpu_id")? as u32;
+                let enter = f("entering")? != 0;
+                self.vcpu_of_thread.insert(r.tid, vcpu);
+                Ok(vec![(EventKind::SmmTransition { enter }, Some(vcpu))])
+            }
+            ProbeId::KvmCr => {
+                let (rw, cr) = (f("rw")?, f("cr")?);
+                if rw == 0 || (cr != 0 && cr != 4) {
+                    return Ok(vec![]);
+                }
+                let value = Some(f("val")?);
+                let vcpu = self.vcpu_of_thread.get(&r.tid).copied();
+                Ok(vec![(
+                    EventKind::CrWrite {
+                        cr: cr as u8,
+                        value,
+                    },
+                    vcpu,
+                )])
+            }
+            ProbeId::KvmExit => {
+                let vcpu = f("vcpu_id")? as u32;
+                let cr = is_cr_write_exit(f("isa")?, f("exit_reason")?, f("info1")?);
+                self.vcpu_of_thread.insert(r.tid, vcpu);
+                match cr {
+                    Some(cr) => Ok(vec![(EventKind::CrWrite { cr, value: None }, Some(vcpu))]),
+                    None => Ok(vec![]),
+                }
+            }
             ProbeId::IommuMap => one(EventKind::IommuMap {
                 iova: Iova(f("iova")?),
                 size: f("size")?,
@@ -432,7 +509,86 @@ mod tests {
             format("kvm_kvm_page_fault.format", "kvm"),
         );
         formats.insert(ProbeId::IommuMap, format("iommu_map.format", "iommu"));
+        formats.insert(
+            ProbeId::KvmSmmTransition,
+            format("kvm_kvm_smm_transition.format", "kvm"),
+        );
+        formats.insert(ProbeId::KvmCr, format("kvm_kvm_cr.format", "kvm"));
+        formats.insert(ProbeId::KvmExit, format("kvm_kvm_exit.format", "kvm"));
         Decoder::new(formats, RoleLayout::LINUX_6, PteFormat::EPT4, 1_000)
+    }
+
+    /// A kvm_exit record of an SVM exit with `reason` on vCPU 2.
+    fn svm_exit(reason: u32) -> Record {
+        record(
+            ProbeId::KvmExit,
+            &[
+                (8, &reason.to_le_bytes()),
+                (24, &2u32.to_le_bytes()),
+                (56, &2u32.to_le_bytes()),
+            ],
+        )
+    }
+
+    /// A kvm_cr write of `cr` = `val`.
+    fn cr_write(cr: u32, val: u64) -> Record {
+        record(
+            ProbeId::KvmCr,
+            &[
+                (8, &1u32.to_le_bytes()),
+                (12, &cr.to_le_bytes()),
+                (16, &val.to_le_bytes()),
+            ],
+        )
+    }
+
+    #[test]
+    fn smm_transitions_and_cr_writes_are_decoded_once_each() {
+        let mut d = decoder();
+        let smm = record(
+            ProbeId::KvmSmmTransition,
+            &[(8, &2u32.to_le_bytes()), (24, &[1])],
+        );
+        let ev = d.decode(&smm);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].kind.clone(), ev[0].vcpu),
+            (EventKind::SmmTransition { enter: true }, Some(2))
+        );
+        // An exit that also reaches kvm_cr: one event, with the value, on the exit's vCPU.
+        assert!(d.decode(&svm_exit(0x65)).is_empty(), "held for kvm_cr");
+        let ev = d.decode(&cr_write(0, 0x8005_0033));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].kind.clone(), ev[0].vcpu),
+            (
+                EventKind::CrWrite {
+                    cr: 0,
+                    value: Some(0x8005_0033)
+                },
+                Some(2)
+            )
+        );
+        // An exit kvm_cr never reports (an emulated write): it stands once the thread moves
+        // on, or once it is old enough.
+        assert!(d.decode(&svm_exit(0x14)).is_empty());
+        let ev = d.decode(&smm);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].kind, EventKind::CrWrite { cr: 4, value: None });
+        assert!(d.decode(&svm_exit(0x10)).is_empty());
+        assert!(
+            d.flush_pending(6_000).is_empty(),
+            "not older than the cut-off"
+        );
+        let ev = d.flush_pending(6_001);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].kind, EventKind::CrWrite { cr: 0, value: None });
+        // Reads, CR3, and exits that write no CR0/CR4 are no events.
+        let read = record(ProbeId::KvmCr, &[(12, &0u32.to_le_bytes())]);
+        assert!(d.decode(&read).is_empty());
+        assert!(d.decode(&cr_write(3, 0x1000)).is_empty());
+        assert!(d.decode(&svm_exit(0x78)).is_empty());
+        assert!(d.flush_pending(u64::MAX).is_empty(), "HLT held nothing");
     }
 
     /// A record of `probe` whose raw data has `fields` (offset, bytes) set.

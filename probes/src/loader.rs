@@ -275,13 +275,22 @@ impl Session {
             offset("sys_enter_ioctl", "arg", 32),
             offset("sys_exit_ioctl", "ret", 16),
         );
+        // The fields kvm_exit's in-kernel filter reads.
+        let (reason, isa, info1) = (
+            offset("kvm_exit", "exit_reason", 8),
+            offset("kvm_exit", "isa", 24),
+            offset("kvm_exit", "info1", 32),
+        );
         let target = opts.pid.unwrap_or(0);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("TARGET_TGID", &target, true)
             .override_global("IOCTL_CMD_OFFSET", &cmd, true)
             .override_global("IOCTL_ARG_OFFSET", &arg, true)
-            .override_global("IOCTL_RET_OFFSET", &ret, true);
+            .override_global("IOCTL_RET_OFFSET", &ret, true)
+            .override_global("EXIT_REASON_OFFSET", &reason, true)
+            .override_global("EXIT_ISA_OFFSET", &isa, true)
+            .override_global("EXIT_INFO1_OFFSET", &info1, true);
         let mut ebpf = match loader.load(OBJECT) {
             Ok(e) => e,
             Err(e) => {
@@ -335,6 +344,11 @@ impl Session {
                 None => self.decoder.undecodable += 1,
             }
         }
+        // A CR-write exit whose thread has been silent for a millisecond had no kvm_cr.
+        out.extend(
+            self.decoder
+                .flush_pending(monotonic_ns().saturating_sub(1_000_000)),
+        );
         self.records += n as u64;
         n
     }

@@ -99,6 +99,17 @@ fn probes_see_a_real_guest_and_only_it() {
         .unwrap_or(0);
     assert!(get_page > 0, "no kvm_mmu_get_page for the guest");
     assert!(counters.counts.keys().all(|(tgid, _)| *tgid == pid));
+    // kvm_exit fires on every exit; the kernel keeps only CR0/CR4 writes, each one event.
+    let cr_exits = counters
+        .counts
+        .get(&(pid, ProbeId::KvmExit as u32))
+        .copied()
+        .unwrap_or(0);
+    let cr_writes = count(|k| matches!(k, EventKind::CrWrite { .. }));
+    assert!(
+        cr_exits as usize <= cr_writes,
+        "{cr_exits} kvm_exit records kept, {cr_writes} CR writes decoded"
+    );
     assert_eq!(counters.drops, 0);
     // Every memslot ioctl was timed in the kernel.
     let hist = counters

@@ -423,6 +423,11 @@ pub fn log_line(e: &Event, name: &str) -> String {
         } => {
             format!("iova={iova:#x} write={write} resolved={resolved}")
         }
+        EventKind::SmmTransition { enter } => (if *enter { "enter" } else { "leave" }).to_string(),
+        EventKind::CrWrite { cr, value } => match value {
+            Some(v) => format!("cr{cr}={v:#x}"),
+            None => format!("cr{cr}=?"),
+        },
     };
     format!("{t:>12.6} {who}{vcpu} {} {detail}", e.kind.name())
 }

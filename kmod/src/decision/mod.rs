@@ -29,6 +29,7 @@ pub mod addr;
 pub mod caps;
 pub mod format;
 pub mod iommu;
+pub mod kvm;
 pub mod list;
 pub mod policy;
 pub mod prereq;

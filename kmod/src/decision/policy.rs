@@ -178,6 +178,11 @@ pub struct Policy {
     /// Dirty logging splits the huge leaves of the IOMMU's table (KVM's eager split, for 4 KiB
     /// dirty granularity). Otherwise huge leaves stay and their dirty bits are harvested whole.
     pub split_for_dirty_logging: bool,
+    /// The IOMMU holds its own reference on the vCPUs' root it walks, so the root outlives the
+    /// vCPUs' loads of it. Without one (the 2021 design, notified only of new roots), a kernel
+    /// that frees a root when the last vCPU unloads it (before 6.4) gives the IOMMU a new root
+    /// — a root update — after every SMI/RSM and CR0.PG/WP toggle of the last vCPU.
+    pub iommu_holds_root: bool,
 }
 
 /// Two decisions of a policy that cannot work together.
@@ -246,6 +251,7 @@ pub const PIN_PREPOPULATE: Policy = Policy {
     batch_flushes: false,
     apic_access_visible: true,
     split_for_dirty_logging: true,
+    iommu_holds_root: false,
 };
 
 /// The 2023 RFC: no pinning, IO page faults resolved by the TDP fault path, an exported root
@@ -260,6 +266,7 @@ pub const EXPORTED_IOPF: Policy = Policy {
     batch_flushes: false,
     apic_access_visible: true,
     split_for_dirty_logging: true,
+    iommu_holds_root: true,
 };
 
 /// The reviewers' alternative: KVM maintains a second table for the IOMMU with its own policy
@@ -275,6 +282,7 @@ pub const SEPARATE_TABLE: Policy = Policy {
     batch_flushes: false,
     apic_access_visible: false,
     split_for_dirty_logging: false,
+    iommu_holds_root: false,
 };
 
 /// This project's: the seed's TODOs done — a persistent shared root (a memslot deletion zaps the
@@ -292,6 +300,7 @@ pub const OPTIMIZED: Policy = Policy {
     batch_flushes: true,
     apic_access_visible: true,
     split_for_dirty_logging: false,
+    iommu_holds_root: true,
 };
 
 #[cfg(test)]

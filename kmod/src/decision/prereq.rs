@@ -7,7 +7,8 @@ use core::str::FromStr;
 
 use super::caps::{self, IommuCaps, KvmCaps, Shared};
 use super::format::Layout;
-use super::policy::{Policy, ShareMode};
+use super::kvm::KvmKernel;
+use super::policy::{Policy, Removal, ShareMode};
 
 /// How the guest sees an IOMMU, if at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,6 +81,8 @@ pub struct VmFacts {
     pub vcpus: u32,
     /// Memslots backed by guest_memfd (which cannot be pinned).
     pub guest_memfd: SlotsNamed,
+    /// The host's KVM generation.
+    pub kernel: KvmKernel,
 }
 
 /// How many memslots have a property, and the first of them (for the message).
@@ -123,6 +126,9 @@ pub enum Unmet {
         /// How many such slots there are.
         count: u32,
     },
+    /// The mode keeps the shared root across memslot deletions, zapping only the slot; this
+    /// KVM zaps every root (`KVM_X86_QUIRK_SLOT_ZAP_ALL` cannot be disabled before 6.12).
+    NoSlotZap,
 }
 
 impl Unmet {
@@ -137,6 +143,7 @@ impl Unmet {
             Unmet::NonCoherentDma => 1 << 5,
             Unmet::NoVcpu => 1 << 6,
             Unmet::GuestMemfd { .. } => 1 << 7,
+            Unmet::NoSlotZap => 1 << 8,
         }
     }
 }
@@ -161,6 +168,10 @@ impl fmt::Display for Unmet {
                 f,
                 "memslot {slot} and {} more are guest_memfd memory, which cannot be pinned",
                 count.saturating_sub(1)
+            ),
+            Unmet::NoSlotZap => f.write_str(
+                "this KVM zaps every root on a memslot deletion \
+                 (KVM_X86_QUIRK_SLOT_ZAP_ALL cannot be disabled before Linux 6.12)",
             ),
         }
     }
@@ -220,6 +231,7 @@ impl Refusal {
                 slot,
                 count: self.guest_memfd.count,
             }),
+            Some(Unmet::NoSlotZap),
         ];
         all.into_iter()
             .flatten()
@@ -281,6 +293,12 @@ pub fn check(policy: &Policy, facts: &VmFacts, iommu: &IommuCaps) -> Result<Shar
     if facts.viommu == VIommu::Shadow {
         refusal.add(Unmet::VIommuShadow);
     }
+    if policy.shares_cpu_root
+        && matches!(policy.removal, Removal::ZapSlot)
+        && !facts.kernel.slot_zap()
+    {
+        refusal.add(Unmet::NoSlotZap);
+    }
     let shared = match caps::negotiate(&kvm, iommu) {
         Ok(s) => Some(s),
         Err(mismatch) => {
@@ -334,6 +352,7 @@ mod tests {
             noncoherent_dma: false,
             vcpus: 1,
             guest_memfd: SlotsNamed::default(),
+            kernel: KvmKernel::V6_12,
         }
     }
 
@@ -381,6 +400,26 @@ mod tests {
             "no vCPU",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn keeping_the_root_across_deletions_needs_6_12() {
+        let mut f = facts();
+        f.kernel = KvmKernel::Pre6_4;
+        let err = check(&ShareMode::Optimized.policy(), &f, &vtd()).unwrap_err();
+        assert_eq!(
+            err.unmet().collect::<alloc::vec::Vec<_>>(),
+            [Unmet::NoSlotZap]
+        );
+        assert!(
+            err.to_string().contains("KVM_X86_QUIRK_SLOT_ZAP_ALL"),
+            "{err}"
+        );
+        // The 2021 design fast-zaps anyway; the separate table is KVM's own; the exported
+        // root is kept by the 2023 RFC's own change.
+        for m in [ShareMode::PinPrepopulate, ShareMode::SeparateTable] {
+            assert!(check(&m.policy(), &f, &vtd()).is_ok(), "{m}");
         }
     }
 

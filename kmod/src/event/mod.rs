@@ -447,11 +447,27 @@ pub enum EventKind {
         write: bool,
         resolved: bool,
     },
+    /// A vCPU entered (`enter`) or left SMM (`kvm:kvm_smm_transition`): its MMU context is
+    /// reset, and it runs on the root of the other address space.
+    SmmTransition {
+        enter: bool,
+    },
+    /// A vCPU wrote control register `cr` (0 or 4): `value` when the tracepoint carries it
+    /// (`kvm:kvm_cr`), `None` when only the exit was seen (`kvm:kvm_exit`, e.g. under TCG's SVM
+    /// without decode assists). A change of the MMU-role bits resets the vCPU's MMU context.
+    CrWrite {
+        cr: u8,
+        #[cfg_attr(
+            feature = "serde",
+            serde(default, skip_serializing_if = "Option::is_none")
+        )]
+        value: Option<u64>,
+    },
 }
 
 impl EventKind {
     /// Every event name (the trace format's `type` tag), in declaration order.
-    pub const NAMES: [&'static str; 25] = [
+    pub const NAMES: [&'static str; 27] = [
         "prepopulate_start",
         "prepopulate_end",
         "root_alloc",
@@ -477,6 +493,8 @@ impl EventKind {
         "sharing_stopped",
         "sharing_refused",
         "io_page_fault",
+        "smm_transition",
+        "cr_write",
     ];
 
     /// This event's name, as written in trace files.
@@ -512,6 +530,8 @@ impl EventKind {
             EventKind::SharingStopped { .. } => 22,
             EventKind::SharingRefused { .. } => 23,
             EventKind::IoPageFault { .. } => 24,
+            EventKind::SmmTransition { .. } => 25,
+            EventKind::CrWrite { .. } => 26,
         }
     }
 
@@ -528,7 +548,9 @@ impl EventKind {
             | EventKind::RootSwitch(_)
             | EventKind::RootFree(_)
             | EventKind::FastZap { .. }
-            | EventKind::Zap { .. } => Path::RootUpdate,
+            | EventKind::Zap { .. }
+            | EventKind::SmmTransition { .. }
+            | EventKind::CrWrite { .. } => Path::RootUpdate,
             EventKind::IommuMap { .. }
             | EventKind::IommuUnmap { .. }
             | EventKind::IotlbFlush { .. }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::decision::addr::{Gfn, Gpa, Hpa, Iova, PageSize};
 use crate::decision::format::{Kind, Layout};
+use crate::decision::kvm::KvmKernel;
 use crate::decision::policy::{DirtyTracking, ShareMode};
 use crate::decision::prereq::VIommu;
 
@@ -53,6 +54,7 @@ by_name! {
     Layout => "an SPTE layout: stock or sharing",
     VIommu => "a vIOMMU: none, nested or shadow",
     DirtyTracking => "dirty tracking: write_protect, report_all_pinned or dirty_bits",
+    KvmKernel => "a kernel: 6.12 or pre-6.4",
 }
 
 #[cfg(all(test, feature = "std"))]

@@ -110,6 +110,10 @@ pub struct VmStats {
     pub pinned_pages_peak: u64,
     pub memslot_ops: u64,
     pub sharing_refusals: u64,
+    /// SMM entries and exits of vCPUs (each resets the vCPU's MMU context).
+    pub smm_transitions: u64,
+    /// CR0/CR4 writes seen (with or without their value).
+    pub cr_writes: u64,
 }
 
 impl VmStats {
@@ -206,6 +210,8 @@ impl VmStats {
                     self.io_page_faults_unresolved += 1;
                 }
             }
+            EventKind::SmmTransition { .. } => self.smm_transitions += 1,
+            EventKind::CrWrite { .. } => self.cr_writes += 1,
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::iommu::iotlb::FlushRequest;
 use crate::sharing::handshake;
 use crate::sharing::pin::{PinError, Pinner};
 use crate::sharing::platform::{IommuDriver, Parts, Platform, PlatformMmu};
-use crate::sharing::vm::{Memslot, SlotError, SlotKind, Vm};
+use crate::sharing::vm::{Memslot, RootRefs, SlotError, SlotKind, Vm};
 use crate::table::mmu::{MmuError, RootId, TdpMmu};
 use crate::table::page_alloc::PageAllocator;
 
@@ -122,8 +122,15 @@ pub struct SharingVm<P: Platform> {
     /// `mmu_lock` is held (for the engine's work on the tables): nothing that may sleep —
     /// pinning — may run (the kernel's `might_sleep` check).
     pub(crate) lock_held: bool,
+    /// The valid root of the normal address space (what a vCPU entering it loads).
     pub(crate) cpu_root: Option<RootId>,
+    /// The valid root of the SMM address space.
     pub(crate) smm_root: Option<RootId>,
+    /// Every vCPU root that exists, with what holds it.
+    pub(crate) root_refs: BTreeMap<RootId, RootRefs>,
+    /// The vCPU root the IOMMU walks (sharing the vCPUs' root); it may be invalid, awaiting
+    /// its replacement.
+    pub(crate) iommu_root: Option<RootId>,
     pub(crate) session: Option<Session>,
     /// User slots whose memory sharing pinned.
     pub(crate) pinned: BTreeMap<(u8, u16), Memslot>,
@@ -202,6 +209,8 @@ impl<P: Platform> SharingVm<P> {
             lock_held: false,
             cpu_root: None,
             smm_root: None,
+            root_refs: BTreeMap::new(),
+            iommu_root: None,
             session: None,
             pinned: BTreeMap::new(),
             pending_flush: None,
@@ -276,6 +285,12 @@ impl<P: Platform> SharingVm<P> {
     pub(crate) fn emit(&mut self, kind: EventKind) {
         let ev = Event::new(self.clock.now_ns(), self.vm.id, Source::Simulator, kind);
         self.sink.emit(ev);
+    }
+
+    /// Reports `kind` as `vcpu`'s.
+    pub(crate) fn emit_on(&mut self, vcpu: u32, kind: EventKind) {
+        let ev = Event::new(self.clock.now_ns(), self.vm.id, Source::Simulator, kind);
+        self.sink.emit(ev.on_vcpu(vcpu));
     }
 
     /// The IOMMU walks the vCPUs' own root right now.
@@ -419,7 +434,7 @@ impl<P: Platform> SharingVm<P> {
     }
 
     /// The root-update notification: the IOMMU walks `root` from now on.
-    fn notify_root(&mut self, root: RootId, pa: Hpa, cause: RootCause) {
+    pub(crate) fn notify_root(&mut self, root: RootId, pa: Hpa, cause: RootCause) {
         let level = self.iommu.levels().get();
         self.emit(EventKind::RootSwitch(RootEvent {
             root: root.0,
@@ -428,74 +443,6 @@ impl<P: Platform> SharingVm<P> {
             cause,
         }));
         self.switch_iommu_table(Some(pa));
-    }
-
-    // ---- roots ---------------------------------------------------------------------------
-
-    /// Makes sure the normal address space has a root; a new one while sharing the vCPUs' root
-    /// is pre-populated (if the mode says so) and handed to the IOMMU.
-    pub(crate) fn ensure_cpu_root(&mut self, cause: RootCause) -> Result<RootId, SharingError> {
-        if let Some(r) = self.cpu_root {
-            return Ok(r);
-        }
-        let root = self.cpu.alloc_root(false, cause)?;
-        self.cpu_root = Some(root);
-        if self.iommu_on_cpu_root() {
-            if self.policy.pins && self.policy.prepopulate_new_roots {
-                self.prepopulate_all(PrepopCause::NewRoot)?;
-            }
-            let pa = self.cpu.root(root)?.pa;
-            self.notify_root(root, pa, cause);
-            self.totals.iommu_root_updates += 1;
-        }
-        Ok(root)
-    }
-
-    pub(crate) fn ensure_smm_root(&mut self) -> Result<RootId, SharingError> {
-        if let Some(r) = self.smm_root {
-            return Ok(r);
-        }
-        let root = self.cpu.alloc_root(true, RootCause::Smm)?;
-        self.smm_root = Some(root);
-        Ok(root)
-    }
-
-    /// The root `vcpu` runs on now (allocating it as KVM does on VM entry).
-    pub fn vcpu_root(&mut self, vcpu: u32) -> Result<RootId, SharingError> {
-        let v = *self.vm.vcpu(vcpu).ok_or(SharingError::NoVcpu(vcpu))?;
-        if v.in_smm {
-            self.ensure_smm_root()
-        } else {
-            self.ensure_cpu_root(RootCause::Initial)
-        }
-    }
-
-    /// KVM's fast zap: every root invalidated; the vCPUs get a new root (a root update when
-    /// the IOMMU walks it), the old ones are freed once unused.
-    pub(crate) fn fast_zap(&mut self) -> Result<(), SharingError> {
-        self.emit_fast_zap();
-        let old = self.cpu_root.take();
-        let old_smm = self.smm_root.take();
-        if !self.vm.vcpus.is_empty() || self.session.is_some() {
-            self.ensure_cpu_root(RootCause::MemslotChange)?;
-        }
-        if self.vm.vcpus_in_smm() > 0 {
-            self.ensure_smm_root()?;
-        }
-        for r in [old, old_smm].into_iter().flatten() {
-            self.cpu.free_root(r, RootCause::MemslotChange)?;
-        }
-        Ok(())
-    }
-
-    /// The `fast_zap` event of the next generation.
-    pub(crate) fn emit_fast_zap(&mut self) {
-        self.fast_zap_generation += 1;
-        let pages = self.cpu.allocator().pages_in_use();
-        self.emit(EventKind::FastZap {
-            generation: self.fast_zap_generation,
-            pages,
-        });
     }
 
     // ---- sharing on / off ----------------------------------------------------------------
@@ -552,11 +499,12 @@ impl<P: Platform> SharingVm<P> {
             let root = match self.cpu_root {
                 Some(r) => r,
                 None => {
-                    let r = self.cpu.alloc_root(false, RootCause::Initial)?;
+                    let r = self.alloc_cpu_root(false, RootCause::Initial)?;
                     self.cpu_root = Some(r);
                     r
                 }
             };
+            self.iommu_root = Some(root);
             (root, self.cpu.root(root)?.pa)
         } else {
             let mut mmu = TdpMmu::new(
@@ -617,6 +565,10 @@ impl<P: Platform> SharingVm<P> {
         }
         self.switch_iommu_table(self.fallback_root);
         self.cpu.set_defer_free(false);
+        if let Some(root) = self.iommu_root.take() {
+            // A root KVM dropped that only the IOMMU still walked goes now.
+            self.put_root(root, RootCause::Released)?;
+        }
         if let Some((mut mmu, root)) = self.separate.take() {
             mmu.free_root(root, RootCause::Released)?;
         }
@@ -667,6 +619,12 @@ impl<P: Platform> SharingVm<P> {
             range: slot.range(),
             pages: slot.frames(),
         });
+    }
+
+    /// The tables of every root that exists (both MMUs).
+    pub fn live_roots(&self) -> impl Iterator<Item = Hpa> + '_ {
+        let separate = self.separate.iter().flat_map(|(mmu, _)| mmu.roots());
+        self.cpu.roots().iter().chain(separate).map(|r| r.pa)
     }
 
     /// Table pages in use by this VM's tables (all roots, both MMUs).

@@ -192,37 +192,4 @@ impl<P: Platform> SharingVm<P> {
         self.finish_op();
         Ok(())
     }
-
-    /// `vcpu` enters (or leaves) SMM. SMM has its own root, never shared; while every vCPU is
-    /// in SMM the normal root stays alive if the IOMMU walks it, and is freed otherwise.
-    pub fn smm(&mut self, vcpu: u32, enter: bool) -> Result<(), SharingError> {
-        let v = self
-            .vm
-            .vcpus
-            .iter_mut()
-            .find(|v| v.id == vcpu)
-            .ok_or(SharingError::NoVcpu(vcpu))?;
-        v.in_smm = enter;
-        let in_smm = self.vm.vcpus_in_smm();
-        let outside = self.vm.vcpus.len() - in_smm;
-        let iommu_holds = self.iommu_on_cpu_root();
-        if enter {
-            self.ensure_smm_root()?;
-            if outside == 0
-                && !iommu_holds
-                && let Some(r) = self.cpu_root.take()
-            {
-                self.cpu.free_root(r, RootCause::Smm)?;
-            }
-        } else {
-            if in_smm == 0
-                && let Some(r) = self.smm_root.take()
-            {
-                self.cpu.free_root(r, RootCause::Smm)?;
-            }
-            self.ensure_cpu_root(RootCause::Smm)?;
-        }
-        self.finish_op();
-        Ok(())
-    }
 }

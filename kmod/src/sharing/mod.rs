@@ -14,6 +14,7 @@ pub mod memslots;
 pub mod pin;
 pub mod platform;
 pub mod prepopulate;
+pub mod roots;
 pub mod vm;
 
 pub use engine::{SharingError, SharingVm, Totals};

@@ -7,9 +7,11 @@ use core::fmt;
 
 use crate::decision::addr::{Gfn, Gpa, Hpa, bytes_to_frames};
 use crate::decision::caps::KvmCaps;
+use crate::decision::kvm::{CR0_RESET, KvmKernel};
 use crate::decision::policy::Policy;
 use crate::decision::prereq::{SlotsNamed, VIommu, VmFacts};
 use crate::event::{GpaRange, Memslot as SlotEvent, VmId};
+use crate::table::mmu::RootId;
 
 /// KVM's private memslots: created by KVM itself, not by the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,13 +155,44 @@ pub struct VmConfig {
     pub device_iopf: bool,
     /// A device doing non-coherent DMA is attached.
     pub noncoherent_dma: bool,
+    /// The host's KVM generation (its root lifecycle).
+    pub kernel: KvmKernel,
+}
+
+/// What KVM keeps about one of the vCPUs' roots beyond its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootRefs {
+    /// Serves the SMM address space.
+    pub smm: bool,
+    /// Not invalidated: vCPUs may still load it.
+    pub valid: bool,
+    /// vCPUs that have it loaded.
+    pub vcpus: u32,
 }
 
 /// A vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Vcpu {
     pub id: u32,
     pub in_smm: bool,
+    /// The root it has loaded (`None`: unloaded; it loads one on its next entry).
+    pub loaded: Option<RootId>,
+    /// Its CR0 and CR4 (for the MMU-role bits).
+    pub cr0: u64,
+    pub cr4: u64,
+}
+
+impl Vcpu {
+    /// vCPU `id` after RESET.
+    pub const fn new(id: u32) -> Self {
+        Self {
+            id,
+            in_smm: false,
+            loaded: None,
+            cr0: CR0_RESET,
+            cr4: 0,
+        }
+    }
 }
 
 /// A memslot request that KVM would refuse.
@@ -209,7 +242,7 @@ impl Vm {
             id,
             config,
             slots: BTreeMap::new(),
-            vcpus: (0..vcpus).map(|id| Vcpu { id, in_smm: false }).collect(),
+            vcpus: (0..vcpus).map(Vcpu::new).collect(),
             mmio: Vec::new(),
         }
     }
@@ -282,6 +315,10 @@ impl Vm {
     }
 
     /// The vCPU `id`.
+    pub fn vcpu_mut(&mut self, id: u32) -> Option<&mut Vcpu> {
+        self.vcpus.iter_mut().find(|v| v.id == id)
+    }
+
     pub fn vcpu(&self, id: u32) -> Option<&Vcpu> {
         self.vcpus.iter().find(|v| v.id == id)
     }
@@ -307,6 +344,7 @@ impl Vm {
             noncoherent_dma: c.noncoherent_dma,
             vcpus: u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX),
             guest_memfd,
+            kernel: c.kernel,
         }
     }
 }
@@ -330,6 +368,7 @@ pub(crate) mod tests {
             huge_pages: true,
             device_iopf: false,
             noncoherent_dma: false,
+            kernel: KvmKernel::V6_12,
         }
     }
 

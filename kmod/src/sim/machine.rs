@@ -166,6 +166,16 @@ impl<'a, P: Platform> Machine<'a, P> {
         }
         let slots: Vec<Memslot> = self.engine.pinned_slots().copied().collect();
         let mut faults = 0;
+        // The IOMMU must walk a live root: a freed one still reads as it was until its pages
+        // are reused, so translations alone would not tell.
+        let live = self
+            .domain
+            .root()
+            .is_some_and(|pa| self.engine.live_roots().any(|r| r == pa));
+        if !live {
+            self.device.verify_checked += 1;
+            faults += 1;
+        }
         for s in slots {
             let n = s.frames();
             let step = (n / 64).max(1);

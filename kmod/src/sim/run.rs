@@ -232,6 +232,7 @@ fn apply<P: Platform>(
         Action::PrivateSlot { kind, gpa, hpa } => engine.add_private_slot(kind, gpa, hpa),
         Action::Mmio { gpa, size, hpa } => engine.add_mmio(MmioRange { gpa, size, hpa }),
         Action::Smm { vcpu, enter } => engine.smm(vcpu, enter),
+        Action::Cr { vcpu, cr, value } => engine.cr_write(vcpu, cr, value),
         Action::DirtyHarvest { slot, as_id } => engine.get_dirty_log(as_id, slot).map(|_| ()),
         Action::Touch {
             vcpu,

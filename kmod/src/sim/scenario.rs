@@ -35,6 +35,7 @@ use crate::decision::addr::{Gpa, Hpa, Iova, PAGE_MASK};
 use crate::decision::caps::{IommuCaps, KvmCaps};
 use crate::decision::format::{Kind, Layout};
 use crate::decision::iommu::IommuMode;
+use crate::decision::kvm::KvmKernel;
 use crate::decision::policy::{DirtyTracking, ShareMode};
 use crate::decision::prereq::VIommu;
 use crate::event::{Event, EventKind, VmId};
@@ -97,6 +98,9 @@ pub struct VmSpec {
     pub max_huge_level: u8,
     /// KVM's SPTE layout: `sharing` (a kernel with the series) or `stock` (6.12 as shipped).
     pub spte_layout: Layout,
+    /// The host's KVM generation: `6.12` (default) or `pre-6.4` (roots freed when the last vCPU
+    /// unloads them; `--kernel` of the simulator overrides it).
+    pub kernel: KvmKernel,
     pub device_iopf: bool,
     pub noncoherent_dma: bool,
 }
@@ -113,6 +117,7 @@ impl Default for VmSpec {
             levels: 4,
             max_huge_level: 3,
             spte_layout: Layout::Sharing,
+            kernel: KvmKernel::V6_12,
             device_iopf: false,
             noncoherent_dma: false,
         }
@@ -134,6 +139,7 @@ impl VmSpec {
             huge_pages: self.huge_pages,
             device_iopf: self.device_iopf,
             noncoherent_dma: self.noncoherent_dma,
+            kernel: self.kernel,
         }
     }
 }
@@ -293,10 +299,20 @@ pub enum Action {
         #[serde(default)]
         write: bool,
     },
+    /// A vCPU enters (SMI) or leaves (RSM) SMM.
     Smm {
         #[serde(default)]
         vcpu: u32,
         enter: bool,
+    },
+    /// A vCPU writes CR0 or CR4 (`cr` = 0 or 4); without `value`, a write whose value the
+    /// recording did not see, taken as a change of the MMU-role bits (an upper bound).
+    Cr {
+        #[serde(default)]
+        vcpu: u32,
+        cr: u8,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<u64>,
     },
     /// The device does DMA, one access per `stride` bytes.
     Dma {
@@ -334,6 +350,7 @@ impl Action {
             Action::Mmio { .. } => "mmio",
             Action::Touch { .. } => "touch",
             Action::Smm { .. } => "smm",
+            Action::Cr { .. } => "cr",
             Action::Dma { .. } => "dma",
             Action::DirtyHarvest { .. } => "dirty_harvest",
         }
@@ -535,6 +552,12 @@ impl Scenario {
                     aligned("size", size)?;
                 }
                 Action::Touch { vcpu, .. } | Action::Smm { vcpu, .. } => vcpu_exists(vcpu)?,
+                Action::Cr { vcpu, cr, .. } => {
+                    vcpu_exists(vcpu)?;
+                    if cr != 0 && cr != 4 {
+                        return Err(bad(format!("cr{cr}: only CR0 and CR4 writes are modelled")));
+                    }
+                }
                 Action::ShareStart | Action::ShareStop | Action::Dma { .. } => {}
             }
         }
@@ -611,6 +634,15 @@ impl Scenario {
                     Action::ShareStart
                 }
                 EventKind::SharingStopped { .. } => Action::ShareStop,
+                EventKind::SmmTransition { enter } => Action::Smm {
+                    vcpu,
+                    enter: *enter,
+                },
+                EventKind::CrWrite { cr, value } if *cr == 0 || *cr == 4 => Action::Cr {
+                    vcpu,
+                    cr: *cr,
+                    value: *value,
+                },
                 _ => continue,
             };
             timeline.push(Step { at_us, action });
@@ -631,7 +663,9 @@ impl Scenario {
         if let Some(max) = timeline
             .iter()
             .filter_map(|s| match s.action {
-                Action::Touch { vcpu, .. } | Action::Smm { vcpu, .. } => Some(vcpu),
+                Action::Touch { vcpu, .. } | Action::Smm { vcpu, .. } | Action::Cr { vcpu, .. } => {
+                    Some(vcpu)
+                }
                 _ => None,
             })
             .max()
@@ -860,5 +894,75 @@ size = 0x1000
             Action::Dma { size: 0x2000, .. }
         ));
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn from_events_replays_smm_and_control_register_writes() {
+        let ev = |ts, vcpu, kind| Event::new(ts, 1, Source::Live, kind).on_vcpu(vcpu);
+        let events = vec![
+            ev(1_000, 3, EventKind::SmmTransition { enter: true }),
+            ev(2_000, 3, EventKind::SmmTransition { enter: false }),
+            ev(
+                3_000,
+                0,
+                EventKind::CrWrite {
+                    cr: 0,
+                    value: Some(0x8001_0033),
+                },
+            ),
+            ev(4_000, 0, EventKind::CrWrite { cr: 4, value: None }),
+            // CR3 writes are no MMU-role change: not replayed.
+            ev(
+                5_000,
+                0,
+                EventKind::CrWrite {
+                    cr: 3,
+                    value: Some(0x1000),
+                },
+            ),
+        ];
+        let s = Scenario::from_events("t", None, &events);
+        let actions: Vec<_> = s.timeline.iter().map(|st| st.action.clone()).collect();
+        assert_eq!(
+            actions,
+            [
+                Action::ShareStart,
+                Action::Smm {
+                    vcpu: 3,
+                    enter: true
+                },
+                Action::Smm {
+                    vcpu: 3,
+                    enter: false
+                },
+                Action::Cr {
+                    vcpu: 0,
+                    cr: 0,
+                    value: Some(0x8001_0033)
+                },
+                Action::Cr {
+                    vcpu: 0,
+                    cr: 4,
+                    value: None
+                },
+            ]
+        );
+        assert_eq!(s.vm.vcpus, 4, "vCPU 3 was seen");
+        s.validate().unwrap();
+        // And from a scenario file.
+        let text =
+            "name = \"c\"\n[[timeline]]\nat_us = 0\ndo = \"cr\"\ncr = 0\nvalue = 0x80010033\n";
+        let s = Scenario::parse(Path::new("c.toml"), text).unwrap();
+        assert_eq!(
+            s.timeline[0].action,
+            Action::Cr {
+                vcpu: 0,
+                cr: 0,
+                value: Some(0x8001_0033)
+            }
+        );
+        let bad = "name = \"c\"\n[[timeline]]\nat_us = 0\ndo = \"cr\"\ncr = 3\n";
+        let err = Scenario::parse(Path::new("c.toml"), bad).unwrap_err();
+        assert!(err.to_string().contains("only CR0 and CR4"), "{err}");
     }
 }

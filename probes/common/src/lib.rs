@@ -50,6 +50,15 @@ macro_rules! with_probes {
                     "cache_tag_flush_range", Iommu, Stock, "iotlb_flush (range)";
                 IntelCacheTagFlushRangeNp = 12, intel_cache_tag_flush_range_np, "intel_iommu",
                     "cache_tag_flush_range_np", Iommu, Stock, "iotlb_flush (range, non-present)";
+                KvmSmmTransition = 13, kvm_smm_transition, "kvm", "kvm_smm_transition",
+                    RootUpdate, Stock, "smm_transition";
+                KvmCr = 14, kvm_cr, "kvm", "kvm_cr", RootUpdate, Stock,
+                    "cr_write (CR0/CR4, with the value)";
+                // Filtered in the kernel to CR0/CR4 write exits ([`is_cr_write_exit`]); where
+                // kvm_cr does not fire (emulated CR writes, e.g. SVM without decode assists)
+                // these are the only record of the write.
+                KvmExit = 15, kvm_exit, "kvm", "kvm_exit", RootUpdate, Stock,
+                    "cr_write (CR0/CR4 write exits, without the value)";
                 TdpsharePrepopulate = 24, tdpshare_prepopulate, "tdpshare", "prepopulate",
                     Prepopulation, Series, "prepopulate_end";
                 TdpshareRootUpdate = 25, tdpshare_root_update, "tdpshare", "root_update",
@@ -228,6 +237,39 @@ macro_rules! declare {
 
 with_probes!(declare);
 
+/// `kvm:kvm_exit`'s `isa` of a VMX exit (`KVM_ISA_VMX`); SVM's is 2.
+pub const KVM_ISA_VMX: u64 = 1;
+/// `kvm:kvm_exit`'s `isa` of an SVM exit (`KVM_ISA_SVM`).
+pub const KVM_ISA_SVM: u64 = 2;
+
+/// The control register a VM exit wrote, when it is a write of CR0 or CR4 — the MMU-role
+/// registers. `isa`, `reason` and `info1` are `kvm:kvm_exit`'s fields: on VMX a CR access
+/// (reason 28) whose exit qualification (`info1`) names the register in bits 3:0 and the access
+/// in bits 5:4 (0 MOV to CR, 2 CLTS, 3 LMSW — CLTS and LMSW write CR0); on SVM the exit codes
+/// `write_cr0` 0x10, `write_cr4` 0x14, `cr0_sel_write` 0x65 and their SEV-ES trap forms 0x90,
+/// 0x94.
+pub const fn is_cr_write_exit(isa: u64, reason: u64, info1: u64) -> Option<u8> {
+    if isa == KVM_ISA_VMX {
+        if reason & 0xffff != 28 {
+            return None;
+        }
+        let cr = (info1 & 0xf) as u8;
+        match ((info1 >> 4) & 3, cr) {
+            (0, 0 | 4) => Some(cr),
+            (2 | 3, _) => Some(0),
+            _ => None,
+        }
+    } else if isa == KVM_ISA_SVM {
+        match reason {
+            0x10 | 0x65 | 0x90 => Some(0),
+            0x14 | 0x94 => Some(4),
+            _ => None,
+        }
+    } else {
+        None
+    }
+}
+
 /// Ids are below this (the per-VM counters are indexed by it).
 pub const PROBE_ID_LIMIT: u32 = 32;
 
@@ -338,6 +380,24 @@ pub const fn log2_bucket(ns: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cr_write_exits_of_both_isas() {
+        // VMX: MOV to CR0, MOV to CR4, MOV to CR3 (no), MOV from CR0 (no), LMSW, CLTS.
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 28, 0x00), Some(0));
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 28, 0x04), Some(4));
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 28, 0x03), None);
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 28, 0x10), None);
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 28, 0x30), Some(0));
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 28, 0x20), Some(0));
+        assert_eq!(is_cr_write_exit(KVM_ISA_VMX, 12, 0x00), None, "HLT");
+        // SVM.
+        assert_eq!(is_cr_write_exit(KVM_ISA_SVM, 0x65, 0), Some(0));
+        assert_eq!(is_cr_write_exit(KVM_ISA_SVM, 0x14, 0), Some(4));
+        assert_eq!(is_cr_write_exit(KVM_ISA_SVM, 0x13, 0), None, "CR3");
+        assert_eq!(is_cr_write_exit(KVM_ISA_SVM, 0x400, 0), None, "npf");
+        assert_eq!(is_cr_write_exit(3, 0x10, 0), None);
+    }
 
     #[test]
     fn keys_round_trip() {

@@ -18,7 +18,7 @@ use aya_ebpf::maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use aya_log_ebpf::debug;
 use tdpshare_probes_common::{
-    ProbeId, RECORD_DATA, Record, count_key, hist_key, ioctl_probe, log2_bucket,
+    ProbeId, RECORD_DATA, Record, count_key, hist_key, ioctl_probe, is_cr_write_exit, log2_bucket,
 };
 
 /// Only this VMM's events (0: every process). Set by the loader.
@@ -31,6 +31,13 @@ static IOCTL_CMD_OFFSET: u32 = 24;
 static IOCTL_ARG_OFFSET: u32 = 32;
 #[unsafe(no_mangle)]
 static IOCTL_RET_OFFSET: u32 = 16;
+/// Offsets of `exit_reason`, `isa` and `info1` in `kvm:kvm_exit`.
+#[unsafe(no_mangle)]
+static EXIT_REASON_OFFSET: u32 = 8;
+#[unsafe(no_mangle)]
+static EXIT_ISA_OFFSET: u32 = 24;
+#[unsafe(no_mangle)]
+static EXIT_INFO1_OFFSET: u32 = 32;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -97,11 +104,39 @@ fn emit<C: EbpfContext>(ctx: &C, record: &Record) {
     }
 }
 
+/// Whether a hit of `probe` is worth a record: every one, but for `kvm_exit`, which fires on
+/// every VM exit and is kept only for CR0/CR4 writes.
+fn wanted(ctx: &TracePointContext, probe: u32) -> bool {
+    if probe != ProbeId::KvmExit as u32 {
+        return true;
+    }
+    // SAFETY: the offsets come from the running kernel's format file.
+    let field = |offset: &u32, wide: bool| unsafe {
+        let at = global(offset) as usize;
+        if wide {
+            ctx.read_at::<u64>(at).ok()
+        } else {
+            ctx.read_at::<u32>(at).ok().map(u64::from)
+        }
+    };
+    match (
+        field(&EXIT_ISA_OFFSET, false),
+        field(&EXIT_REASON_OFFSET, false),
+        field(&EXIT_INFO1_OFFSET, true),
+    ) {
+        (Some(isa), Some(reason), Some(info1)) => is_cr_write_exit(isa, reason, info1).is_some(),
+        _ => false,
+    }
+}
+
 /// A tracepoint hit: count it and ship the raw record.
 fn hit(ctx: &TracePointContext, probe: u32) -> u32 {
     let Some((tgid, tid)) = task() else {
         return 0;
     };
+    if !wanted(ctx, probe) {
+        return 0;
+    }
     add(&COUNTS, count_key(tgid, probe), 1);
     let mut record = Record {
         probe,
