@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tdpshare::decision::format::{LeafAttrs, MEMTYPE_WB, Perms};
 use tdpshare::event::clock::ManualClock;
 use tdpshare::event::{NullSink, RootCause};
-use tdpshare::table::{Arena, Mapping, PageAllocator, TdpMmu};
+use tdpshare::table::{Arena, Mapping, PageAllocator, RootRole, TdpMmu};
 use tdpshare::{Gfn, Hpa, Level, PteFormat};
 
 const GUEST: u64 = 8 << 30;
@@ -28,7 +28,9 @@ struct Run {
 
 fn populate(arena: &Arena, level: Level) -> Run {
     let mut mmu = TdpMmu::new(arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-    let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+    let root = mmu
+        .alloc_root(RootRole::NORMAL, RootCause::Initial)
+        .unwrap();
     let mapping = Mapping {
         gfn: Gfn(0),
         frames: GUEST >> 12,

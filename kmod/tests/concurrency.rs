@@ -28,7 +28,9 @@ use tdpshare::decision::format::{LeafAttrs, MEMTYPE_WB, Perms};
 use tdpshare::event::clock::ManualClock;
 use tdpshare::event::{NullSink, RootCause};
 use tdpshare::iommu::{Access, CostModel, DmaWalker, FlushRequest, IommuDomain, Iotlb};
-use tdpshare::table::{Arena, Fault, FaultResult, Mapping, MmuError, PageAllocator, TdpMmu};
+use tdpshare::table::{
+    Arena, Fault, FaultResult, Mapping, MmuError, PageAllocator, RootRole, TdpMmu,
+};
 use tdpshare::{Gfn, Hpa, Iova, Level, PteFormat};
 
 /// Pinned: guest [0, 32 MiB) → host PINNED_HPA, 2 MiB leaves.
@@ -268,7 +270,7 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
     let mut m = TdpMmu::new(&arena, format, NullSink, ManualClock::new(0), 1);
     // An IOMMU walks this MMU's roots: unlinked tables wait for a non-leaf invalidation.
     m.set_defer_free(true);
-    let first = m.alloc_root(false, RootCause::Initial).unwrap();
+    let first = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
     m.map(first, &pinned_mapping()).unwrap();
     domain.set_root(Some(m.root(first).unwrap().pa));
     let mmu = RwLock::new(m);
@@ -337,7 +339,9 @@ fn stress(total_translations: u64, dma_threads: u64, min_cycles: u64) -> Report 
                     // to it (which drops every cached entry of the domain), the old root freed
                     // at once — DMA walks that read the old pointer are still inside their
                     // read-side section, which keeps its pages from reuse.
-                    let fresh = m.alloc_root(false, RootCause::MemslotChange).unwrap();
+                    let fresh = m
+                        .alloc_root(RootRole::NORMAL, RootCause::MemslotChange)
+                        .unwrap();
                     m.map(fresh, &pinned_mapping()).unwrap();
                     domain.set_root(Some(m.root(fresh).unwrap().pa));
                     m.free_root(id, RootCause::Released).unwrap();

@@ -10,7 +10,7 @@ use tdpshare::decision::format::{LeafAttrs, Perms};
 use tdpshare::event::clock::ManualClock;
 use tdpshare::event::{NullSink, RootCause};
 use tdpshare::iommu::{Access, DmaWalker};
-use tdpshare::table::{Arena, Leaf, Mapping, PageAllocator, TdpMmu};
+use tdpshare::table::{Arena, Leaf, Mapping, PageAllocator, RootRole, TdpMmu};
 use tdpshare::{Gfn, Hpa, Iova, Level, PteFormat};
 
 /// The model keeps raw numbers; these give the MMU's types.
@@ -276,7 +276,9 @@ fn flatten(leaves: Vec<Leaf>) -> Vec<(u64, u8, u64, Perms, bool)> {
 fn run(format: PteFormat, ops: &[Op]) -> Result<(), TestCaseError> {
     let arena = Arena::new(4096).unwrap();
     let mut mmu = TdpMmu::new(&arena, format, NullSink, ManualClock::new(0), 1);
-    let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+    let root = mmu
+        .alloc_root(RootRole::NORMAL, RootCause::Initial)
+        .unwrap();
     let mut model = Model::default();
     let base = LeafAttrs::default();
     for op in ops {

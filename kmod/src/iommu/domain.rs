@@ -130,6 +130,7 @@ mod tests {
     use crate::event::RootCause;
     use crate::event::clock::ManualClock;
     use crate::iommu::iotlb::CostModel;
+    use crate::table::mmu::RootRole;
     use crate::table::mmu::{Mapping, RootId, TdpMmu};
     use crate::table::page_alloc::{Arena, PageAllocator};
 
@@ -137,7 +138,7 @@ mod tests {
     fn domain_caches_walks_and_drops_them_on_root_update() {
         let arena = Arena::new(32).unwrap();
         let mut m = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {
@@ -184,7 +185,7 @@ mod tests {
         IommuDomain<'t>,
     ) {
         let mut m = TdpMmu::new(arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         let attrs = LeafAttrs {
             pinned: true,
             ..LeafAttrs::default()
@@ -338,8 +339,10 @@ mod tests {
             perms: Perms::RW,
             attrs: LeafAttrs::default(),
         };
-        let old = m.alloc_root(false, RootCause::Initial).unwrap();
-        let new = m.alloc_root(false, RootCause::MemslotChange).unwrap();
+        let old = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
+        let new = m
+            .alloc_root(RootRole::NORMAL, RootCause::MemslotChange)
+            .unwrap();
         m.map(old, &mapping).unwrap();
         m.map(new, &mapping).unwrap();
         let (old_pa, new_pa) = (m.root(old).unwrap().pa, m.root(new).unwrap().pa);

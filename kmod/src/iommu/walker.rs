@@ -226,6 +226,7 @@ mod tests {
     use crate::decision::format::LeafAttrs;
     use crate::event::clock::ManualClock;
     use crate::event::{NullSink, RootCause};
+    use crate::table::mmu::RootRole;
     use crate::table::mmu::{Mapping, RootId, TdpMmu};
     use crate::table::page_alloc::Arena;
 
@@ -233,7 +234,7 @@ mod tests {
 
     fn setup(arena: &Arena, format: PteFormat) -> (TdpMmu<&Arena, NullSink, ManualClock>, RootId) {
         let mut m = TdpMmu::new(arena, format, NullSink, ManualClock::new(0), 1);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         let attrs = LeafAttrs {
             snoop: true,
             ..LeafAttrs::default()
@@ -447,7 +448,7 @@ mod tests {
         ] {
             let arena = Arena::new(32).unwrap();
             let mut m = TdpMmu::new(&arena, format, NullSink, ManualClock::new(0), 1);
-            let r = m.alloc_root(false, RootCause::Initial).unwrap();
+            let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
             let cached = m.map_mmio(r, mmio, 42).unwrap();
             assert_eq!(cached, format.mmio.is_some(), "{format}");
             m.check_well_formed(r).unwrap();

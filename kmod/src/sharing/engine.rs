@@ -29,7 +29,7 @@ use crate::sharing::handshake;
 use crate::sharing::pin::{PinError, Pinner};
 use crate::sharing::platform::{IommuDriver, Parts, Platform, PlatformMmu};
 use crate::sharing::vm::{Memslot, RootRefs, SlotError, SlotKind, Vm};
-use crate::table::mmu::{MmuError, RootId, TdpMmu};
+use crate::table::mmu::{MmuError, RootId, RootRole, TdpMmu};
 use crate::table::page_alloc::PageAllocator;
 
 /// Why an operation failed.
@@ -499,7 +499,7 @@ impl<P: Platform> SharingVm<P> {
             let root = match self.cpu_root {
                 Some(r) => r,
                 None => {
-                    let r = self.alloc_cpu_root(false, RootCause::Initial)?;
+                    let r = self.alloc_cpu_root(RootRole::NORMAL, RootCause::Initial)?;
                     self.cpu_root = Some(r);
                     r
                 }
@@ -516,7 +516,7 @@ impl<P: Platform> SharingVm<P> {
             );
             mmu.set_max_leaf_level(shared.max_huge_level);
             mmu.set_defer_free(true);
-            let root = mmu.alloc_root(false, RootCause::Initial)?;
+            let root = mmu.alloc_root(RootRole::NORMAL, RootCause::Initial)?;
             let pa = mmu.root(root)?.pa;
             self.separate = Some((mmu, root));
             (root, pa)

@@ -286,6 +286,7 @@ mod tests {
     use crate::decision::format::PteFormat;
     use crate::event::clock::ManualClock;
     use crate::event::{NullSink, RootCause};
+    use crate::table::mmu::RootRole;
     use crate::table::page_alloc::Arena;
 
     const HOST: u64 = 0x40_0000_0000;
@@ -293,7 +294,9 @@ mod tests {
     fn run(gfn: u64, frames: u64, hpa: u64, max: Level) -> (Vec<(u64, Level)>, Outcome) {
         let arena = Arena::new(256).unwrap();
         let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-        let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+        let root = mmu
+            .alloc_root(RootRole::NORMAL, RootCause::Initial)
+            .unwrap();
         let t = Mapping {
             gfn: Gfn(gfn),
             frames,
@@ -340,7 +343,9 @@ mod tests {
     fn a_larger_leaf_in_the_way_becomes_pinned() {
         let arena = Arena::new(64).unwrap();
         let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-        let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+        let root = mmu
+            .alloc_root(RootRole::NORMAL, RootCause::Initial)
+            .unwrap();
         let huge = Mapping {
             gfn: Gfn(0),
             frames: 512,
@@ -374,7 +379,9 @@ mod tests {
     fn smaller_leaves_in_the_way_are_kept() {
         let arena = Arena::new(64).unwrap();
         let mut mmu = TdpMmu::new(&arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-        let root = mmu.alloc_root(false, RootCause::Initial).unwrap();
+        let root = mmu
+            .alloc_root(RootRole::NORMAL, RootCause::Initial)
+            .unwrap();
         let t = Mapping {
             gfn: Gfn(0),
             frames: 1024,

@@ -30,7 +30,7 @@ use crate::event::{EventKind, PrepopCause, RootCause};
 use crate::sharing::engine::{SharingError, SharingVm};
 use crate::sharing::platform::Platform;
 use crate::sharing::vm::RootRefs;
-use crate::table::mmu::RootId;
+use crate::table::mmu::{RootId, RootRole};
 use crate::table::page_alloc::PageAllocator;
 
 impl<P: Platform> SharingVm<P> {
@@ -44,17 +44,17 @@ impl<P: Platform> SharingVm<P> {
         self.root_refs.iter().map(|(&id, &r)| (id, r))
     }
 
-    /// Allocates a vCPU root of the SMM or normal role.
+    /// Allocates a vCPU root of `role`.
     pub(crate) fn alloc_cpu_root(
         &mut self,
-        smm: bool,
+        role: RootRole,
         cause: RootCause,
     ) -> Result<RootId, SharingError> {
-        let root = self.cpu.alloc_root(smm, cause)?;
+        let root = self.cpu.alloc_root(role, cause)?;
         self.root_refs.insert(
             root,
             RootRefs {
-                smm,
+                role,
                 valid: true,
                 vcpus: 0,
             },
@@ -118,7 +118,7 @@ impl<P: Platform> SharingVm<P> {
         if let Some(r) = self.cpu_root {
             return Ok(r);
         }
-        let root = self.alloc_cpu_root(false, cause)?;
+        let root = self.alloc_cpu_root(RootRole::NORMAL, cause)?;
         self.cpu_root = Some(root);
         if self.iommu_on_cpu_root() {
             if self.policy.pins && self.policy.prepopulate_new_roots {
@@ -140,7 +140,7 @@ impl<P: Platform> SharingVm<P> {
         if let Some(r) = self.smm_root {
             return Ok(r);
         }
-        let root = self.alloc_cpu_root(true, RootCause::Smm)?;
+        let root = self.alloc_cpu_root(RootRole::SMM, RootCause::Smm)?;
         self.smm_root = Some(root);
         Ok(root)
     }
@@ -158,7 +158,7 @@ impl<P: Platform> SharingVm<P> {
             let current = self
                 .root_refs
                 .get(&r)
-                .is_some_and(|refs| refs.valid && refs.smm == v.in_smm);
+                .is_some_and(|refs| refs.valid && refs.role == v.role());
             if current {
                 return Ok(r);
             }

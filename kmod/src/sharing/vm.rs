@@ -11,7 +11,7 @@ use crate::decision::kvm::{CR0_RESET, KvmKernel};
 use crate::decision::policy::Policy;
 use crate::decision::prereq::{SlotsNamed, VIommu, VmFacts};
 use crate::event::{GpaRange, Memslot as SlotEvent, VmId};
-use crate::table::mmu::RootId;
+use crate::table::mmu::{RootId, RootRole};
 
 /// KVM's private memslots: created by KVM itself, not by the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -162,8 +162,8 @@ pub struct VmConfig {
 /// What KVM keeps about one of the vCPUs' roots beyond its table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RootRefs {
-    /// Serves the SMM address space.
-    pub smm: bool,
+    /// Which vCPUs may load it.
+    pub role: RootRole,
     /// Not invalidated: vCPUs may still load it.
     pub valid: bool,
     /// vCPUs that have it loaded.
@@ -183,6 +183,16 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// The role of the root it runs on now (never guest mode: nested TDP is not exposed to a
+    /// VM that shares, the handshake refuses it).
+    pub const fn role(&self) -> RootRole {
+        if self.in_smm {
+            RootRole::SMM
+        } else {
+            RootRole::NORMAL
+        }
+    }
+
     /// vCPU `id` after RESET.
     pub const fn new(id: u32) -> Self {
         Self {

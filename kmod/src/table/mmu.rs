@@ -154,13 +154,35 @@ impl fmt::Display for MmuError {
 #[cfg(feature = "std")]
 impl std::error::Error for MmuError {}
 
+/// The role bits of a root that decide which vCPUs may use it (KVM's `kvm_mmu_page_role`
+/// for a TDP root: the address space and guest mode; the rest is fixed for direct roots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RootRole {
+    /// Serves the SMM address space (`role.smm`, address space 1).
+    pub smm: bool,
+    /// Serves a vCPU in guest mode (`role.guest_mode`: L2 under nested virtualization).
+    pub guest_mode: bool,
+}
+
+impl RootRole {
+    /// The normal address space, not in guest mode: the only role an IOMMU may walk.
+    pub const NORMAL: RootRole = RootRole {
+        smm: false,
+        guest_mode: false,
+    };
+    /// The SMM address space.
+    pub const SMM: RootRole = RootRole {
+        smm: true,
+        guest_mode: false,
+    };
+}
+
 /// A root and what it is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RootInfo {
     pub id: RootId,
     pub pa: Hpa,
-    /// Serves the SMM address space.
-    pub smm: bool,
+    pub role: RootRole,
 }
 
 /// What a change did.
@@ -418,13 +440,13 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         RootEvent {
             root: info.id.0,
             level: self.format.levels.get(),
-            smm: info.smm,
+            smm: info.role.smm,
             cause,
         }
     }
 
     /// Allocates an empty root.
-    pub fn alloc_root(&mut self, smm: bool, cause: RootCause) -> Result<RootId, MmuError> {
+    pub fn alloc_root(&mut self, role: RootRole, cause: RootCause) -> Result<RootId, MmuError> {
         let pa = self
             .alloc
             .alloc_table(self.format.nonpresent)
@@ -432,7 +454,7 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         let info = RootInfo {
             id: RootId(self.next_root),
             pa,
-            smm,
+            role,
         };
         self.next_root += 1;
         self.roots.push(info);
@@ -1336,7 +1358,7 @@ mod tests {
     fn map_lookup_and_census() {
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         let out = m
             .map(
                 r,
@@ -1368,7 +1390,7 @@ mod tests {
     fn pinned_leaves_are_never_zapped_or_repointed() {
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {
@@ -1442,7 +1464,7 @@ mod tests {
         use crate::iommu::walker::{Access, DmaWalker};
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         let pinned = Mapping {
             gfn: Gfn(512),
             frames: 512,
@@ -1482,7 +1504,7 @@ mod tests {
     fn split_then_collapse_round_trips_and_keeps_pinning() {
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {
@@ -1526,7 +1548,7 @@ mod tests {
     fn collapse_refuses_mixed_tables() {
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {
@@ -1557,7 +1579,7 @@ mod tests {
     fn huge_leaf_replaces_an_empty_table_but_not_a_full_one() {
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {
@@ -1608,7 +1630,7 @@ mod tests {
     fn bad_requests_are_named() {
         let arena = Arena::new(8).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         assert_eq!(
             m.map(
                 r,
@@ -1674,7 +1696,7 @@ mod tests {
     fn free_root_returns_every_page() {
         let arena = Arena::new(64).unwrap();
         let mut m = mmu(&arena);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {
@@ -1698,7 +1720,7 @@ mod tests {
         let arena = Arena::new(8).unwrap();
         let mut m = mmu(&arena);
         m.set_trace_sptes(true);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         m.map(
             r,
             &Mapping {

@@ -13,7 +13,7 @@ pub mod sync;
 pub use iter::{IterPos, TdpIter};
 pub use mmu::{
     Census, Fault, FaultResult, Leaf, Malformed, Mapping, MmuError, Outcome, RootId, RootInfo,
-    TdpMmu,
+    RootRole, TdpMmu,
 };
 #[cfg(feature = "std")]
 pub use page_alloc::Arena;

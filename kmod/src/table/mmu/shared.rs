@@ -245,6 +245,7 @@ mod tests {
     use crate::event::clock::ManualClock;
     use crate::iommu::{Access, DmaFault, DmaWalker};
     use crate::table::mmu::Mapping;
+    use crate::table::mmu::RootRole;
     use crate::table::page_alloc::Arena;
 
     const G: u64 = 0x40_0000_0000;
@@ -260,7 +261,7 @@ mod tests {
 
     fn setup(arena: &Arena) -> (Mmu<'_>, RootId) {
         let mut m = TdpMmu::new(arena, PteFormat::EPT4, NullSink, ManualClock::new(0), 1);
-        let r = m.alloc_root(false, RootCause::Initial).unwrap();
+        let r = m.alloc_root(RootRole::NORMAL, RootCause::Initial).unwrap();
         (m, r)
     }
 
