@@ -680,21 +680,43 @@ fn a_policy_that_cannot_work_is_refused_when_built() {
 }
 
 #[test]
-fn dma_to_emulated_mmio_faults_and_the_cpu_side_caches_it() {
+fn no_mmio_spte_is_in_a_table_the_iommu_walks() {
+    let mmio = Gpa(0xfeb0_0000);
+    let before = Gpa(0xfeb1_0000);
     for mode in ShareMode::ALL {
         let mut cfg = config();
         cfg.device_iopf = true;
-        with_vm(mode, cfg, vtd(), |vm, _, _| {
+        with_vm(mode, cfg, vtd(), |vm, _, arena| {
             vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
-            vm.engine.request_sharing(&vtd()).unwrap();
-            // A vCPU touches emulated MMIO (no slot there): KVM caches an MMIO SPTE.
-            let mmio = Gpa(0xfeb0_0000);
-            vm.touch(0, mmio, 4096, true).unwrap();
+            // Before sharing KVM caches an MMIO SPTE for emulated MMIO, as stock KVM does; an
+            // IOMMU would read it as a writable mapping.
+            vm.touch(0, before, 4096, true).unwrap();
             let root = vm.engine.cpu_root().unwrap();
-            let leaf = vm.engine.cpu_mmu().lookup(root, mmio.gfn()).unwrap();
-            assert!(leaf.is_none(), "{mode}: an MMIO SPTE is no mapping");
-            vm.dma(mmio.iova(), 4096, true, 4096).unwrap();
-            assert_eq!(vm.device.dma_faults, 1, "{mode}");
+            let walker = DmaWalker::native(&vm.engine.cpu_mmu().format(), false);
+            let root_pa = vm.engine.cpu_mmu().root(root).unwrap().pa;
+            assert!(
+                walker
+                    .translate(arena, root_pa, before.iova(), Access::Write)
+                    .is_ok(),
+                "{mode}: the MMIO SPTE is there before sharing"
+            );
+            vm.engine.request_sharing(&vtd()).unwrap();
+            // Sharing took it away from a table the IOMMU walks; a touch while sharing caches
+            // none there. (A separate table is the IOMMU's own: the vCPUs' keeps its MMIO.)
+            vm.touch(0, mmio, 4096, true).unwrap();
+            let walked = mode.policy().shares_cpu_root;
+            for gpa in [before, mmio] {
+                if walked {
+                    assert!(
+                        walker
+                            .translate(arena, root_pa, gpa.iova(), Access::Write)
+                            .is_err(),
+                        "{mode}: {gpa}"
+                    );
+                }
+                vm.dma(gpa.iova(), 4096, true, 4096).unwrap();
+            }
+            assert_eq!(vm.device.dma_faults, 2, "{mode}");
             assert_eq!(vm.device.dma_wrong, 0, "{mode}");
         });
     }

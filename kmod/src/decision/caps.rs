@@ -42,6 +42,16 @@ impl LevelSet {
         )
     }
 
+    /// The set whose bit `n` means `n` levels (the kernel's UAPI encoding).
+    pub const fn from_bits(bits: u8) -> LevelSet {
+        LevelSet(bits)
+    }
+
+    /// The set as bits: bit `n` for `n` levels.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
     /// `levels` is in the set.
     pub const fn contains(self, levels: u8) -> bool {
         levels < 8 && self.0 & (1u8 << (levels & 7)) != 0
@@ -585,7 +595,7 @@ fn check_bits(f: &PteFormat, i: &IommuFormat, max_leaf: Level, snoop: bool, out:
     if i.is_present(f.frozen()) {
         out.push(Mismatch::PresentToIommu(NotAMapping::Frozen));
     }
-    if f.mmio.is_some_and(|mmio| i.is_present(mmio.value)) {
+    if f.layout.mmio_while_walked() && f.mmio.is_some_and(|mmio| i.is_present(mmio.value)) {
         out.push(Mismatch::PresentToIommu(NotAMapping::Mmio));
     }
 }

@@ -26,22 +26,20 @@
 //! | KVM MMU-present: sharing     | 59                         | 59                         |
 //! | tdpshare pinned (sharing)    | 60                         | 60                         |
 //! | MMIO generation: stock       | 3..10, 52..62              | 3..10, 52..62              |
-//! | MMIO generation: sharing     | 6..11, 52..58, 61..62      | — (no MMIO SPTEs)          |
+//! | MMIO generation: sharing     | 3..10, 52..58              | 3..10, 52..58              |
 //! | frame number                 | 12..51                     | 12..51                     |
 //!
 //! Why a sharing layout: an IOMMU walking KVM's table reads these entries with its own rules.
 //! VT-d second-level entries give bit 11 the meaning SNP in leaves and reserve it elsewhere, so
-//! KVM's MMU-present marker moves to bit 59 (ignored by the CPU's walks and by VT-d), and the MMIO
-//! generation is re-split around it — as the 2023 RFC did. KVM's MMIO SPTEs must look
-//! non-present to an IOMMU: stock EPT ones are write+execute (`0b110`, an EPT misconfiguration
-//! for the CPU) — writable to VT-d; stock NPT ones are present with reserved bit 51 — readable
-//! to an IOMMU without that reserved bit. The sharing layout makes EPT MMIO SPTEs execute-only
-//! with the reserved memory type 2 (still a misconfiguration for the CPU, neither readable nor
-//! writable for an IOMMU), which costs the generation four bits (15 instead of 19: a wrap, and
-//! the zap of MMIO SPTEs it forces, comes 16× sooner); NPT cannot encode a reserved-bit fault
-//! without P, so a VM that shares gets no NPT MMIO SPTEs (emulated MMIO goes the slow way, as
-//! with `enable_mmio_caching=0`). tdpshare's own pinned marker sits in bit 60, clear of every
-//! KVM bit above.
+//! KVM's MMU-present marker moves to bit 59 in TDP SPTEs (ignored by the CPU's EPT and NPT walks
+//! and by VT-d; shadow paging keeps bit 11, since bits 62:52 are reserved in PAE paging), and the
+//! MMIO generation loses bits 59..62 (15 bits instead of 19: a wrap, and the zap it forces, comes
+//! 16× sooner) — as the 2023 RFC did, and as the kernel series' patch 3 does. KVM's MMIO SPTEs
+//! keep their values, which an IOMMU could use (stock EPT ones are write+execute, writable to
+//! VT-d; NPT ones are present with a reserved bit, readable to an IOMMU without it): so while an
+//! IOMMU walks the table KVM installs none ([`Layout::mmio_while_walked`]), and emulated MMIO
+//! takes the slow path, as with `enable_mmio_caching=0`. tdpshare's own pinned marker sits in
+//! bit 60 (the model's: the kernel series keeps its pins per memslot instead).
 
 use core::fmt;
 use core::str::FromStr;
@@ -175,7 +173,7 @@ pub const MEMTYPE_WB: u8 = 6;
 pub enum Layout {
     /// Linux 6.12 as shipped: MMU-present in bit 11.
     Stock,
-    /// With the sharing series: MMU-present in bit 59, MMIO SPTEs an IOMMU cannot use.
+    /// With the sharing series: MMU-present in bit 59, no MMIO SPTE while an IOMMU walks.
     Sharing,
 }
 
@@ -189,6 +187,12 @@ impl Layout {
             Layout::Stock => "stock",
             Layout::Sharing => "sharing",
         }
+    }
+
+    /// KVM may install MMIO SPTEs in a table an IOMMU walks (the stock kernel knows no IOMMU;
+    /// the series installs none while one walks, `kvm_handle_noslot_fault`).
+    pub const fn mmio_while_walked(self) -> bool {
+        matches!(self, Layout::Stock)
     }
 }
 
@@ -304,10 +308,6 @@ const ADDR_MASK: u64 = bits(12, 51);
 /// `FROZEN_SPTE` less the non-present value: a semi-arbitrary pattern no present entry has.
 const FROZEN_PATTERN: u64 = 0x5a0;
 
-/// The EPT memory type KVM's sharing layout gives MMIO SPTEs: 2 is reserved, so the CPU takes
-/// an EPT misconfiguration on it.
-const EPT_MMIO_RESERVED_MEMTYPE: u64 = 2 << 3;
-
 impl PteFormat {
     /// EPT, 4 levels, sharing layout.
     pub const EPT4: PteFormat = PteFormat::ept(Level::L4, Layout::Sharing);
@@ -334,10 +334,10 @@ impl PteFormat {
             ),
             Layout::Sharing => (
                 bit(59),
-                bits(6, 11) | bits(52, 58) | bits(61, 62),
+                bits(3, 10) | bits(52, 58),
                 MmioSpte {
-                    value: bit(2) | EPT_MMIO_RESERVED_MEMTYPE,
-                    mask: 0b111 | (0b111 << 3) | bit(63),
+                    value: 0b110,
+                    mask: 0b111 | bit(63),
                 },
                 bit(60),
             ),
@@ -387,7 +387,15 @@ impl PteFormat {
                 }),
                 0,
             ),
-            Layout::Sharing => (bit(59), 0, None, bit(60)),
+            Layout::Sharing => (
+                bit(59),
+                bits(3, 10) | bits(52, 58),
+                Some(MmioSpte {
+                    value: bit(51) | bit(0),
+                    mask: bit(51) | bit(0),
+                }),
+                bit(60),
+            ),
         };
         PteFormat {
             kind: Kind::Npt,
@@ -828,14 +836,15 @@ mod tests {
         );
         let s = PteFormat::EPT4.mmio_spte(gpa, u64::MAX).unwrap();
         assert!(PteFormat::EPT4.is_mmio(s) && !PteFormat::EPT4.is_present(s));
-        assert_eq!(s & 0b11, 0, "neither readable nor writable");
+        assert_eq!(s & 0b111, 0b110, "the series keeps the value");
         assert_eq!(
-            (s >> 3) & 0b111,
-            2,
-            "reserved memory type: a misconfiguration"
+            PteFormat::EPT4.mmio_gen_mask.count_ones(),
+            15,
+            "bits 59..62 left out"
         );
-        assert_eq!(PteFormat::EPT4.mmio_gen_mask.count_ones(), 15);
-        assert_eq!(PteFormat::NPT4.mmio_spte(gpa, 1), None);
+        let s = PteFormat::NPT4.mmio_spte(gpa, 1).unwrap();
+        assert!(PteFormat::NPT4.is_mmio(s) && !PteFormat::NPT4.is_present(s));
+        assert!(!Layout::Sharing.mmio_while_walked() && Layout::Stock.mmio_while_walked());
         // A present leaf is never taken for MMIO.
         let leaf = PteFormat::EPT4.leaf(Hpa(0x1000), Level::L1, Perms::X, LeafAttrs::default());
         assert!(!PteFormat::EPT4.is_mmio(leaf));

@@ -484,6 +484,14 @@ impl<P: Platform> SharingVm<P> {
             // The IOMMU walks the vCPUs' tables from now on: unlinked tables wait for its
             // invalidation before reuse.
             self.cpu.set_defer_free(true);
+            // MMIO SPTEs cannot stay in a table an IOMMU walks (the kernel series gives the
+            // IOMMU a fresh root instead: the same for the device).
+            if !self.cpu.format().layout.mmio_while_walked() {
+                let roots: Vec<RootId> = self.cpu.roots().iter().map(|r| r.id).collect();
+                for r in roots {
+                    self.cpu.zap_mmio(r)?;
+                }
+            }
             // Leaves larger than the IOMMU accepts cannot stay in a table it walks.
             if let Some(r) = self.cpu_root {
                 let big: Vec<_> = self

@@ -112,8 +112,11 @@ impl<P: Platform> SharingVm<P> {
                 false,
             )
         } else {
-            // Emulated MMIO: KVM caches an MMIO SPTE where the layout has them, and emulates.
-            self.cpu.map_mmio(root, gfn, self.memslot_generation)?;
+            // Emulated MMIO: KVM caches an MMIO SPTE where the layout has them — but none in a
+            // table an IOMMU walks, which would read it as a mapping — and emulates.
+            if !self.iommu_on_cpu_root() || self.cpu.format().layout.mmio_while_walked() {
+                self.cpu.map_mmio(root, gfn, self.memslot_generation)?;
+            }
             return Ok(false);
         };
         let end = base_gfn + frames;

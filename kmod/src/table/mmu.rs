@@ -793,6 +793,21 @@ impl<A: PageAllocator, S: EventSink, C: Clock> TdpMmu<A, S, C> {
         Ok(false)
     }
 
+    /// Takes every MMIO SPTE of `root` away (non-present); returns how many there were. For a
+    /// table an IOMMU is about to walk: it would read them as mappings. Lock: write.
+    pub fn zap_mmio(&mut self, root: RootId) -> Result<u64, MmuError> {
+        let root_pa = self.root(root)?.pa;
+        let mut n = 0;
+        for pos in self.walk(root_pa, Level::L1, Gfn(0), self.format.gfn_limit()) {
+            if self.format.is_mmio(pos.old) {
+                pos.sptep.store(self.format.nonpresent, Ordering::Release);
+                self.trace_spte(pos.gfn, pos.level, pos.old, self.format.nonpresent);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Replaces present entry `pos` by `new` with compare-and-swap, keeping A/D bits hardware
     /// set meanwhile. Returns the value replaced.
     fn set_present(&self, pos: IterPos<'_>, new: u64, out: &mut Outcome) -> u64 {
