@@ -7,6 +7,8 @@
 //! - `test`: the structure checks (kmod's layers; its decision layer under the kernel's Rust
 //!   rules; no dependency in its default build), then every test (the concurrency stress test
 //!   in release mode).
+//! - `kernel fetch|build|boot|test` and `patches check|apply|unapply|export`: the sharing
+//!   series on Debian's Linux 6.12, in a cache outside the clone ([`kernel`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +16,7 @@ use std::process::Command;
 use anyhow::{Context, bail, ensure};
 
 mod checks;
+mod kernel;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -29,6 +32,56 @@ enum Task {
     Setup,
     /// Run every test of the workspace and the kernel-buildability checks.
     Test,
+    /// The kernel with the sharing series: fetch the source, build, boot the check.
+    Kernel {
+        #[command(subcommand)]
+        action: KernelTask,
+    },
+    /// The sharing series (patches/): check, apply, unapply, export.
+    Patches {
+        #[command(subcommand)]
+        action: PatchTask,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KernelTask {
+    /// Install the packages and bindgen, unpack linux-source-6.12 into the cache as a git tree.
+    Fetch,
+    /// Configure and build bzImage (the series must be applied).
+    Build {
+        #[arg(long, value_enum, default_value = "lab")]
+        config: kernel::Config,
+    },
+    /// Boot the built kernel under QEMU TCG with the in-guest check; its summary decides.
+    Boot {
+        #[arg(long, value_enum, default_value = "lab")]
+        config: kernel::Config,
+    },
+    /// The CI job: fetch, patches check and apply, compile the objects the series touches.
+    Check,
+    /// fetch, patches apply, build and boot.
+    Test {
+        #[arg(long, value_enum, default_value = "lab")]
+        config: kernel::Config,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PatchTask {
+    /// Check that every patch applies, in order, to the pristine source.
+    Check,
+    /// Apply the series to the cache's tree (one commit per patch) and copy the decision layer.
+    Apply,
+    /// Reset the cache's tree to the pristine source.
+    Unapply,
+    /// Compile the touched objects after each patch in turn (each patch builds on its own).
+    BuildEach,
+    /// Write the commits on top of tdpshare-base in a kernel tree to patches/.
+    Export {
+        /// The kernel tree (default: the cache's).
+        tree: Option<PathBuf>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -143,7 +196,12 @@ fn setup_ebpf_toolchain() -> anyhow::Result<()> {
 }
 
 fn setup_apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    ensure_apt(&APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing.
+fn ensure_apt(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -153,7 +211,7 @@ fn setup_apt() -> anyhow::Result<()> {
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
-    for p in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
+    for p in packages.iter().filter(|p| !missing.contains(p)) {
         println!("present: apt package {p}");
     }
     if missing.is_empty() {
@@ -305,5 +363,19 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::Test => test(),
+        Task::Kernel { action } => match action {
+            KernelTask::Fetch => kernel::fetch(),
+            KernelTask::Build { config } => kernel::build(config),
+            KernelTask::Boot { config } => kernel::boot(config),
+            KernelTask::Check => kernel::check(),
+            KernelTask::Test { config } => kernel::test(config),
+        },
+        Task::Patches { action } => match action {
+            PatchTask::Check => kernel::patches_check(),
+            PatchTask::Apply => kernel::patches_apply(),
+            PatchTask::Unapply => kernel::patches_unapply(),
+            PatchTask::BuildEach => kernel::patches_build_each(),
+            PatchTask::Export { tree } => kernel::patches_export(tree),
+        },
     }
 }
