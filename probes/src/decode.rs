@@ -389,7 +389,15 @@ impl Decoder {
                 root: f("root")?,
                 level: f("level")? as u8,
                 smm: f("as_id").unwrap_or(0) != 0,
-                cause: RootCause::Unknown,
+                // TDPSHARE_ROOT_* of the series' tdpshare_trace.h.
+                cause: match f("cause") {
+                    Ok(0) => RootCause::Initial,
+                    Ok(1) => RootCause::MemslotChange,
+                    Ok(2) => RootCause::Smm,
+                    Ok(3) => RootCause::ContextReset,
+                    Ok(4) => RootCause::Released,
+                    _ => RootCause::Unknown,
+                },
             })),
             ProbeId::TdpshareIotlbFlush => {
                 let size = f("size")?;
@@ -656,6 +664,100 @@ print fmt: \"%s\", __get_str(iommu)
                 }
             );
         }
+    }
+
+    /// A decoder with the series' tracepoints, formats as the patched kernel printed them
+    /// (fixtures/tracefs-6.12-series, recorded by `cargo xtask kernel boot`).
+    fn series_decoder() -> Decoder {
+        let fmt = |file: &str| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fixtures/tracefs-6.12-series")
+                .join(file);
+            Format::parse("tdpshare", &std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let mut formats = HashMap::new();
+        formats.insert(
+            ProbeId::TdpsharePrepopulate,
+            fmt("tdpshare_prepopulate.format"),
+        );
+        formats.insert(
+            ProbeId::TdpshareRootUpdate,
+            fmt("tdpshare_root_update.format"),
+        );
+        formats.insert(
+            ProbeId::TdpshareIotlbFlush,
+            fmt("tdpshare_iotlb_flush.format"),
+        );
+        Decoder::new(formats, RoleLayout::LINUX_6, PteFormat::NPT4, 1_000)
+    }
+
+    #[test]
+    fn the_series_tracepoints_decode_from_the_patched_kernel_s_formats() {
+        let mut d = series_decoder();
+        // prepopulate: gfn 0x200-0x400, level 2, 1 entry, 1500 ns.
+        let r = record(
+            ProbeId::TdpsharePrepopulate,
+            &[
+                (8, &0x200u64.to_le_bytes()),
+                (16, &0x400u64.to_le_bytes()),
+                (24, &2u32.to_le_bytes()),
+                (32, &1u64.to_le_bytes()),
+                (40, &1500u64.to_le_bytes()),
+            ],
+        );
+        let ev = d.decode(&r);
+        assert!(
+            matches!(
+                ev[0].kind,
+                EventKind::PrepopulateEnd {
+                    page_size: PageSize::Size2M,
+                    entries: 1,
+                    ns: 1500,
+                    ..
+                }
+            ),
+            "{:?}",
+            ev[0].kind
+        );
+        // root_update with its cause (1: a memslot change).
+        let r = record(
+            ProbeId::TdpshareRootUpdate,
+            &[
+                (8, &0x1234_5000u64.to_le_bytes()),
+                (16, &4u32.to_le_bytes()),
+                (20, &0u32.to_le_bytes()),
+                (24, &1u32.to_le_bytes()),
+            ],
+        );
+        let ev = d.decode(&r);
+        assert_eq!(
+            ev[0].kind,
+            EventKind::RootSwitch(Root {
+                root: 0x1234_5000,
+                level: 4,
+                smm: false,
+                cause: RootCause::MemslotChange,
+            })
+        );
+        // iotlb_flush of the whole domain (size 0).
+        let r = record(
+            ProbeId::TdpshareIotlbFlush,
+            &[
+                (8, &0u64.to_le_bytes()),
+                (16, &0u64.to_le_bytes()),
+                (24, &900u64.to_le_bytes()),
+            ],
+        );
+        let ev = d.decode(&r);
+        assert_eq!(
+            ev[0].kind,
+            EventKind::IotlbFlush {
+                scope: FlushScope::Domain,
+                domain: None,
+                range: None,
+                ns: 900
+            }
+        );
     }
 
     #[test]

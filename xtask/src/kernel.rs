@@ -602,6 +602,9 @@ fn initramfs() -> anyhow::Result<PathBuf> {
         /bin/busybox mount -t devtmpfs devtmpfs /dev\n\
         /bin/busybox mount -t tracefs tracefs /sys/kernel/tracing\n\
         echo \"tdpshare initramfs on $(/bin/busybox uname -r)\"\n\
+        for f in /sys/kernel/tracing/events/tdpshare/*/format \
+            /sys/kernel/tracing/events/amd_iommu/*/format; do\n\
+            echo \"=== tracefs $f\"; /bin/busybox cat $f; echo \"=== end\"; done\n\
         /bin/tdpshare-kcheck\n\
         echo \"tdpshare-kcheck exit status $?\"\n\
         /bin/busybox poweroff -f\n";
