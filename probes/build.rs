@@ -1,14 +1,17 @@
 //! Builds the eBPF programs (`probes/ebpf`) for `bpfel-unknown-none` with the nightly toolchain
-//! and bpf-linker, into OUT_DIR. Nothing built is ever checked in.
+//! and bpf-linker, and the CO-RE C program (`probes/core`) with clang against libbpf's headers
+//! (libbpf-sys's), into OUT_DIR. Nothing built is ever checked in.
 //!
-//! Without the toolchain the crate still builds, with no eBPF object: the loader then reports
-//! every probe as "not built" and why. `TDPSHARE_REQUIRE_EBPF=1` (CI) makes that an error.
+//! Without a toolchain the crate still builds, with an empty object in its place: the loader
+//! then reports those probes as "not built" and why. `TDPSHARE_REQUIRE_EBPF=1` (CI) makes that
+//! an error.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const OBJECT: &str = "tdpshare-probes.bpf.o";
+const CORE_OBJECT: &str = "mmu_page.bpf.o";
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
@@ -18,10 +21,24 @@ fn main() {
         "ebpf/Cargo.toml",
         "ebpf/Cargo.lock",
         "common/src",
+        "core",
     ] {
         println!("cargo:rerun-if-changed={}", manifest.join(p).display());
     }
     println!("cargo:rerun-if-env-changed=TDPSHARE_REQUIRE_EBPF");
+    let required = env::var("TDPSHARE_REQUIRE_EBPF").is_ok_and(|v| v == "1");
+    let core = out.join(CORE_OBJECT);
+    match build_core(&manifest.join("core"), &core) {
+        Ok(()) => println!("cargo:rustc-env=TDPSHARE_CORE_MISSING="),
+        Err(reason) => {
+            if required {
+                panic!("cannot build the CO-RE program: {reason}");
+            }
+            println!("cargo:warning=tdpshare probes built without the CO-RE program: {reason}");
+            std::fs::write(&core, b"").expect("write an empty placeholder");
+            println!("cargo:rustc-env=TDPSHARE_CORE_MISSING={reason}");
+        }
+    }
     let object = out.join(OBJECT);
     match build(&manifest.join("ebpf"), &out) {
         Ok(built) => {
@@ -29,7 +46,7 @@ fn main() {
             println!("cargo:rustc-env=TDPSHARE_EBPF_MISSING=");
         }
         Err(reason) => {
-            if env::var("TDPSHARE_REQUIRE_EBPF").is_ok_and(|v| v == "1") {
+            if required {
                 panic!("cannot build the eBPF programs: {reason}");
             }
             println!("cargo:warning=tdpshare probes built without eBPF programs: {reason}");
@@ -60,6 +77,34 @@ fn on_path(tool: &str) -> bool {
         .into_iter()
         .chain(home_bin)
         .any(|d| d.join(tool).is_file())
+}
+
+/// The CO-RE program: clang's BPF target with BTF (-g), libbpf's headers from libbpf-sys
+/// (`links = "bpf"` gives its include directory to this crate, which depends on it directly).
+fn build_core(dir: &Path, object: &Path) -> Result<(), String> {
+    if !on_path("clang") {
+        return Err("clang is not installed; run `cargo xtask setup`".into());
+    }
+    let include = env::var("DEP_BPF_INCLUDE")
+        .map_err(|_| "libbpf-sys gave no include directory (DEP_BPF_INCLUDE)".to_string())?;
+    output(
+        Command::new("clang")
+            .args([
+                "-g",
+                "-O2",
+                "-target",
+                "bpf",
+                "-D__TARGET_ARCH_x86",
+                "-Wall",
+                "-Werror",
+            ])
+            .arg(format!("-I{include}"))
+            .arg("-c")
+            .arg(dir.join("mmu_page.bpf.c"))
+            .arg("-o")
+            .arg(object),
+    )?;
+    Ok(())
 }
 
 fn build(crate_dir: &Path, out: &Path) -> Result<PathBuf, String> {

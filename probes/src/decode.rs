@@ -63,6 +63,13 @@ pub struct Decoder {
     /// Records decoded into no event on purpose (failed ioctls, non-root page allocations,
     /// invalidation descriptors other than the IOTLB's).
     pub uneventful: u64,
+    /// The CO-RE probe is attached: it reports roots (with their addresses), so the
+    /// tracepoint's records of the same allocations yield nothing.
+    pub core_roots: bool,
+    /// Per thread: the mappings `tdpshare:prepopulate` reported since its last
+    /// `KVM_PRE_FAULT_MEMORY` returned (entries, largest page), folded into that ioctl's one
+    /// event when it returns.
+    prefault_maps: HashMap<u32, (u64, PageSize)>,
 }
 
 impl Decoder {
@@ -84,6 +91,8 @@ impl Decoder {
             pending_cr: HashMap::new(),
             undecodable: 0,
             uneventful: 0,
+            core_roots: false,
+            prefault_maps: HashMap::new(),
         }
     }
 
@@ -210,7 +219,7 @@ impl Decoder {
         match id {
             ProbeId::KvmMmuGetPage => {
                 let (gfn, role, created) = (f("gfn")?, f("role")? as u32, f("created")? != 0);
-                if !created || self.role.invalid(role) {
+                if !created || self.role.invalid(role) || self.core_roots {
                     return Ok(vec![]);
                 }
                 let Some(level) = self.root_level(r.tgid, gfn, role) else {
@@ -222,6 +231,37 @@ impl Decoder {
                     root,
                     level,
                     smm,
+                    cause: RootCause::Unknown,
+                }))
+            }
+            ProbeId::KvmMmuPageCore => {
+                // probes/core/mmu_page.bpf.c: role, created, tdp_mmu_page, has a parent entry,
+                // address known, gfn, the table's host-physical address.
+                let d = &r.data;
+                let role = le_u32(d, 0) as u32;
+                let (created, tdp, child, known) = (d[4] != 0, d[5] != 0, d[6] != 0, d[7] != 0);
+                let (gfn, hpa) = (le_u64(d, 8), le_u64(d, 16));
+                if !created || self.role.invalid(role) {
+                    return Ok(vec![]);
+                }
+                // A TDP MMU root is the page with no parent entry; the shadow MMU's roots
+                // still have to be told by level.
+                let level = if tdp {
+                    if child {
+                        return Ok(vec![]);
+                    }
+                    self.role.level(role)
+                } else {
+                    match self.root_level(r.tgid, gfn, role) {
+                        Some(level) => level,
+                        None => return Ok(vec![]),
+                    }
+                };
+                let root = if known { hpa } else { self.next_root(r.tgid) };
+                one(EventKind::RootAlloc(Root {
+                    root,
+                    level,
+                    smm: self.role.smm(role),
                     cause: RootCause::Unknown,
                 }))
             }
@@ -374,16 +414,22 @@ impl Decoder {
                 })
             }
             ProbeId::TdpsharePrepopulate => {
-                let (start, end) = (f("gfn_start")?, f("gfn_end")?);
-                one(EventKind::PrepopulateEnd {
-                    range: GpaRange::of_frames(Gfn(start), end.saturating_sub(start)),
-                    page_size: level_of(f("level")?)?
-                        .page_size()
-                        .unwrap_or(PageSize::Size4K),
-                    cause: PrepopCause::NewRoot,
-                    entries: f("entries")?,
-                    ns: f("ns")?,
-                })
+                // The series traces each mapping KVM_PRE_FAULT_MEMORY makes, inside the ioctl:
+                // they are folded into the ioctl's event when it returns (one pre-population
+                // of the range the VMM asked for, with the entries and sizes really written).
+                let size = level_of(f("level")?)?
+                    .page_size()
+                    .unwrap_or(PageSize::Size4K);
+                let entries = f("entries")?;
+                let acc = self
+                    .prefault_maps
+                    .entry(r.tid)
+                    .or_insert((0, PageSize::Size4K));
+                acc.0 += entries;
+                if size.bytes() > acc.1.bytes() {
+                    acc.1 = size;
+                }
+                Ok(vec![])
             }
             ProbeId::TdpshareRootUpdate => one(EventKind::RootSwitch(Root {
                 root: f("root")?,
@@ -414,7 +460,11 @@ impl Decoder {
             }
             // ioctls: the command's argument struct (a stable UAPI layout); a refused call
             // changed nothing.
-            _ if id.is_ioctl() && r.ret != 0 => Ok(vec![]),
+            // A failed KVM_PRE_FAULT_MEMORY mapped nothing it reports; drop what it traced.
+            _ if id.is_ioctl() && r.ret != 0 => {
+                self.prefault_maps.remove(&r.tid);
+                Ok(vec![])
+            }
             ProbeId::IoctlSetUserMemoryRegion | ProbeId::IoctlSetUserMemoryRegion2 => {
                 // struct kvm_userspace_memory_region(2): slot, flags, guest_phys_addr,
                 // memory_size, userspace_addr.
@@ -437,13 +487,18 @@ impl Decoder {
                 }
             }
             ProbeId::IoctlPreFaultMemory => {
-                // struct kvm_pre_fault_memory: gpa, size, flags.
+                // struct kvm_pre_fault_memory: gpa, size, flags. Without the series' tracepoint
+                // the entries are an estimate (4 KiB each); with it, the mappings made.
                 let range = GpaRange::new(Gpa(le_u64(&r.data, 0)), le_u64(&r.data, 8));
+                let (entries, page_size) = match self.prefault_maps.remove(&r.tid) {
+                    Some((n, size)) => (n, size),
+                    None => (range.pages_4k(), PageSize::Size4K),
+                };
                 one(EventKind::PrepopulateEnd {
                     range,
-                    page_size: PageSize::Size4K,
+                    page_size,
                     cause: PrepopCause::PreFault,
-                    entries: range.pages_4k(),
+                    entries,
                     ns: r.latency_ns,
                 })
             }
@@ -705,20 +760,49 @@ print fmt: \"%s\", __get_str(iommu)
                 (40, &1500u64.to_le_bytes()),
             ],
         );
-        let ev = d.decode(&r);
-        assert!(
-            matches!(
-                ev[0].kind,
-                EventKind::PrepopulateEnd {
-                    page_size: PageSize::Size2M,
-                    entries: 1,
-                    ns: 1500,
-                    ..
-                }
-            ),
-            "{:?}",
-            ev[0].kind
+        // Folded into the KVM_PRE_FAULT_MEMORY that made it (same thread), with a 4 KiB
+        // mapping made by the same call: one pre-population of the asked range, 2 entries.
+        assert!(d.decode(&r).is_empty());
+        let small = record(
+            ProbeId::TdpsharePrepopulate,
+            &[
+                (8, &0x400u64.to_le_bytes()),
+                (16, &0x401u64.to_le_bytes()),
+                (24, &1u32.to_le_bytes()),
+                (32, &1u64.to_le_bytes()),
+                (40, &700u64.to_le_bytes()),
+            ],
         );
+        assert!(d.decode(&small).is_empty());
+        let mut ioctl = record(
+            ProbeId::IoctlPreFaultMemory,
+            &[
+                (0, &0x20_0000u64.to_le_bytes()),
+                (8, &0x20_1000u64.to_le_bytes()),
+            ],
+        );
+        ioctl.latency_ns = 9000;
+        let ev = d.decode(&ioctl);
+        assert_eq!(
+            ev[0].kind,
+            EventKind::PrepopulateEnd {
+                range: GpaRange::new(Gpa(0x20_0000), 0x20_1000),
+                page_size: PageSize::Size2M,
+                cause: PrepopCause::PreFault,
+                entries: 2,
+                ns: 9000,
+            }
+        );
+        // The next call without series records is estimated, 4 KiB pages.
+        let ev = d.decode(&ioctl);
+        assert!(matches!(
+            ev[0].kind,
+            EventKind::PrepopulateEnd {
+                entries: 0x201,
+                page_size: PageSize::Size4K,
+                ..
+            }
+        ));
         // root_update with its cause (1: a memslot change).
         let r = record(
             ProbeId::TdpshareRootUpdate,
@@ -802,6 +886,60 @@ print fmt: \"%s\", __get_str(iommu)
         );
         assert!(d.decode(&r).is_empty());
         assert_eq!(d.uneventful, 1);
+    }
+
+    /// A record of the CO-RE probe (probes/core/mmu_page.bpf.c's data layout).
+    fn core_record(role: u32, tdp: bool, child: bool, gfn: u64, hpa: u64) -> Record {
+        record(
+            ProbeId::KvmMmuPageCore,
+            &[
+                (0, &role.to_le_bytes()),
+                (4, &[1, u8::from(tdp), u8::from(child), 1]),
+                (8, &gfn.to_le_bytes()),
+                (16, &hpa.to_le_bytes()),
+            ],
+        )
+    }
+
+    #[test]
+    fn the_core_probe_names_tdp_roots_by_their_table_address() {
+        let mut d = decoder();
+        d.core_roots = true;
+        // A TDP MMU root (no parent entry), level 4, SMM address space.
+        let role: u32 = 4 | (1 << 7) | (1 << 24);
+        let ev = d.decode(&core_record(role, true, false, 0, 0x1_2345_6000));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            ev[0].kind,
+            EventKind::RootAlloc(Root {
+                root: 0x1_2345_6000,
+                level: 4,
+                smm: true,
+                cause: RootCause::Unknown,
+            })
+        );
+        // A TDP MMU child is no root, whatever its level: under a 5-level root a level-4
+        // table is a child (the level heuristic would call it a root).
+        assert!(
+            d.decode(&core_record(4 | (1 << 7), true, true, 0x8_0000, 0x9000))
+                .is_empty()
+        );
+        // The tracepoint's record of the same allocation yields nothing: no root twice.
+        let r = record(
+            ProbeId::KvmMmuGetPage,
+            &[(24, &role.to_le_bytes()), (33, &[1])],
+        );
+        assert!(d.decode(&r).is_empty());
+        // Shadow-MMU pages are still told by level, but named by address too.
+        let ev = d.decode(&core_record(4 | (1 << 7), false, false, 0, 0x7000));
+        assert!(matches!(
+            ev[0].kind,
+            EventKind::RootAlloc(Root {
+                root: 0x7000,
+                level: 4,
+                ..
+            })
+        ));
     }
 
     #[test]

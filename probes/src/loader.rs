@@ -17,6 +17,7 @@ use tdpshare_probes_common::split_hist_key;
 
 use crate::btf::RoleLayout;
 use crate::catalog::{CATALOG, Kernel, Probe};
+use crate::core::CoreProbe;
 use crate::decode::{Decoder, parse_record};
 use crate::tracefs::{self, Format};
 
@@ -116,6 +117,7 @@ pub struct Session {
     pub notes: Vec<String>,
     ebpf: Option<Ebpf>,
     ring: Option<RingBuf<MapData>>,
+    core: Option<CoreProbe>,
     logger: Option<aya_log::EbpfLogger<Diagnostics>>,
     diagnostics: Diagnostics,
     decoder: Decoder,
@@ -245,17 +247,35 @@ impl Session {
             notes,
             ebpf: None,
             ring: None,
+            core: None,
             logger: None,
             diagnostics: Diagnostics::default(),
             decoder,
             records: 0,
+        };
+        // The CO-RE program loads with libbpf, independently of the Rust object.
+        let core_state = match CATALOG.iter().find(|p| p.core) {
+            Some(p) if !present.contains_key(p.program) => ProbeState::Absent,
+            Some(_) => match CoreProbe::start(opts.pid, PRIVILEGE) {
+                Ok(core) => {
+                    session.core = Some(core);
+                    session.decoder.core_roots = true;
+                    ProbeState::Attached
+                }
+                Err(state) => state,
+            },
+            None => ProbeState::Absent,
         };
         let all = |state: ProbeState| -> Vec<ProbeStatus> {
             CATALOG
                 .iter()
                 .map(|probe| ProbeStatus {
                     probe,
-                    state: state.clone(),
+                    state: if probe.core {
+                        core_state.clone()
+                    } else {
+                        state.clone()
+                    },
                 })
                 .collect()
         };
@@ -306,7 +326,9 @@ impl Session {
         session.logger =
             aya_log::EbpfLogger::init_with_logger(&mut ebpf, session.diagnostics.clone()).ok();
         for probe in CATALOG {
-            let state = if !present.contains_key(probe.program) {
+            let state = if probe.core {
+                core_state.clone()
+            } else if !present.contains_key(probe.program) {
                 ProbeState::Absent
             } else {
                 attach(&mut ebpf, probe)
@@ -333,16 +355,26 @@ impl Session {
         if let Some(logger) = self.logger.as_mut() {
             logger.flush();
         }
-        let Some(ring) = self.ring.as_mut() else {
-            return 0;
-        };
         let mut n = 0;
-        while let Some(item) = ring.next() {
-            n += 1;
-            match parse_record(&item) {
-                Some(r) => out.extend(self.decoder.decode(&r)),
-                None => self.decoder.undecodable += 1,
+        let mut records = Vec::new();
+        if let Some(ring) = self.ring.as_mut() {
+            while let Some(item) = ring.next() {
+                n += 1;
+                match parse_record(&item) {
+                    Some(r) => records.push(r),
+                    None => self.decoder.undecodable += 1,
+                }
             }
+        }
+        if let Some(core) = self.core.as_mut() {
+            let before = records.len();
+            core.poll(&mut records);
+            n += records.len() - before;
+        }
+        // Two rings: in time order, as one stream.
+        records.sort_by_key(|r| r.ts_ns);
+        for r in &records {
+            out.extend(self.decoder.decode(r));
         }
         // A CR-write exit whose thread has been silent for a millisecond had no kvm_cr.
         out.extend(
@@ -370,7 +402,10 @@ impl Session {
 
     /// The kernel's per-VM counters, histograms and drops.
     pub fn counters(&self) -> KernelCounters {
-        let mut out = KernelCounters::default();
+        let mut out = KernelCounters {
+            drops: self.core.as_ref().map_or(0, CoreProbe::drops),
+            ..KernelCounters::default()
+        };
         let Some(ebpf) = self.ebpf.as_ref() else {
             return out;
         };
@@ -408,7 +443,7 @@ impl Session {
         if let Some(Ok(drops)) = ebpf.map("DROPS").map(PerCpuArray::<_, u64>::try_from)
             && let Ok(values) = drops.get(&0, 0)
         {
-            out.drops = values.iter().sum();
+            out.drops += values.iter().sum::<u64>();
         }
         out
     }
@@ -440,12 +475,17 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> ProbeState {
 pub fn status_table(statuses: &[ProbeStatus]) -> String {
     let width = statuses
         .iter()
-        .map(|s| s.probe.system.len() + s.probe.event.len() + 1)
+        .map(|s| s.probe.system.len() + s.probe.event.len() + 1 + 9 * usize::from(s.probe.core))
         .max()
         .unwrap_or(0);
     let mut out = format!("{:width$}  {:<13}  state\n", "tracepoint", "path");
     for s in statuses {
-        let name = format!("{}:{}", s.probe.system, s.probe.event);
+        let name = format!(
+            "{}:{}{}",
+            s.probe.system,
+            s.probe.event,
+            if s.probe.core { " (CO-RE)" } else { "" }
+        );
         let path = format!("{:?}", s.probe.watches);
         let note = if s.probe.kernel == Kernel::Series && s.state == ProbeState::Absent {
             " (tdpshare patch series not in this kernel)"

@@ -99,6 +99,26 @@ fn probes_see_a_real_guest_and_only_it() {
         .unwrap_or(0);
     assert!(get_page > 0, "no kvm_mmu_get_page for the guest");
     assert!(counters.counts.keys().all(|(tgid, _)| *tgid == pid));
+    // With the CO-RE probe attached every root is named by its table's physical address
+    // (page-aligned, never one of the small numbers roots get without it).
+    let core = session
+        .statuses
+        .iter()
+        .any(|s| s.probe.core && s.state == ProbeState::Attached);
+    let roots: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::RootAlloc(r) => Some(r.root),
+            _ => None,
+        })
+        .collect();
+    assert!(!roots.is_empty(), "no root allocation of the guest");
+    if core {
+        assert!(
+            roots.iter().all(|&r| r % 4096 == 0 && r >= 1 << 20),
+            "roots are not table addresses: {roots:x?}"
+        );
+    }
     // kvm_exit fires on every exit; the kernel keeps only CR0/CR4 writes, each one event.
     let cr_exits = counters
         .counts

@@ -62,6 +62,35 @@ fn tree() -> PathBuf {
     cache_dir().join(TREE)
 }
 
+/// The pristine source's own worktree, for the stock kernel.
+fn stock_tree() -> PathBuf {
+    cache_dir().join("linux-stock")
+}
+
+/// The tree `config` builds from: the stock worktree (made at `tdpshare-base` if missing) or
+/// the cache's tree with the series.
+fn tree_for(config: Config) -> anyhow::Result<PathBuf> {
+    let tree = ensure_tree()?;
+    if config != Config::Stock {
+        return Ok(tree);
+    }
+    let stock = stock_tree();
+    if !stock.join(".git").exists() {
+        run(git(&tree)
+            .args(["worktree", "add", "-q", "--detach"])
+            .arg(&stock)
+            .arg(BASE_TAG))?;
+    }
+    let head = output(git(&stock).args(["rev-parse", "HEAD"]))?;
+    let base = output(git(&tree).args(["rev-parse", &format!("{BASE_TAG}^{{commit}}")]))?;
+    ensure!(
+        head.trim() == base.trim(),
+        "{} is not at {BASE_TAG}: remove it (git worktree remove) and build again",
+        stock.display()
+    );
+    Ok(stock)
+}
+
 fn git(tree: &Path) -> Command {
     let mut cmd = Command::new("git");
     cmd.arg("-C").arg(tree).args(GIT_IDENTITY);
@@ -389,6 +418,9 @@ pub enum Config {
     Lab,
     /// The same without BTF debug information: a faster build for the boot check.
     Minimal,
+    /// The lab configuration on the pristine source (`tdpshare-base`, no series), in its own
+    /// worktree (`linux-stock`): the lab's comparison kernel.
+    Stock,
 }
 
 impl Config {
@@ -396,6 +428,7 @@ impl Config {
         match self {
             Config::Lab => "lab",
             Config::Minimal => "minimal",
+            Config::Stock => "stock",
         }
     }
 
@@ -407,7 +440,6 @@ impl Config {
             "KVM",
             "KVM_AMD",
             "KVM_INTEL",
-            "KVM_TDP_SHARE",
             "INTEL_IOMMU",
             "AMD_IOMMU",
             "IOMMUFD",
@@ -422,8 +454,19 @@ impl Config {
             "SERIAL_8250_CONSOLE",
             "DEVTMPFS",
         ];
-        if self == Config::Lab {
-            on.extend(["DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT", "DEBUG_INFO_BTF"]);
+        if self != Config::Stock {
+            on.push("KVM_TDP_SHARE");
+        }
+        if self != Config::Minimal {
+            // BTF for the CO-RE probe and tp_btf; the VT-d debugfs shows the root table a
+            // device's context or PASID entry points at (the lab compares it with KVM's).
+            on.extend([
+                "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT",
+                "DEBUG_INFO_BTF",
+                "DEBUG_FS",
+                "IOMMU_DEBUGFS",
+                "INTEL_IOMMU_DEBUGFS",
+            ]);
         }
         on
     }
@@ -443,7 +486,7 @@ fn make(tree: &Path, build: &Path) -> Command {
     cmd
 }
 
-fn bzimage(config: Config) -> PathBuf {
+pub fn bzimage(config: Config) -> PathBuf {
     build_dir(config).join("arch/x86/boot/bzImage")
 }
 
@@ -488,8 +531,10 @@ const TOUCHED_DIRS: [&str; 4] = [
 
 /// `cargo xtask kernel build`: the configuration, then bzImage, with the elapsed time.
 pub fn build(config: Config) -> anyhow::Result<()> {
-    let tree = ensure_tree()?;
-    install_decision(&tree)?;
+    let tree = tree_for(config)?;
+    if config != Config::Stock {
+        install_decision(&tree)?;
+    }
     let build = configure(&tree, config)?;
     let jobs = jobs();
     timed(

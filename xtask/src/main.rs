@@ -116,8 +116,17 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 
 /// Debian packages: LLVM 22 for bpf-linker, QEMU for the live probe tests and the lab, tmux
-/// for sharetop's terminal smoke test.
-const APT_PACKAGES: [&str; 3] = ["llvm-22-dev", "qemu-system-x86", "tmux"];
+/// for sharetop's terminal smoke test; clang, libelf and zlib for the CO-RE probe (clang
+/// compiles it, libbpf-sys builds libbpf against the other two).
+const APT_PACKAGES: [&str; 7] = [
+    "llvm-22-dev",
+    "qemu-system-x86",
+    "tmux",
+    "clang",
+    "libelf-dev",
+    "zlib1g-dev",
+    "pkg-config",
+];
 
 fn has_command(cmd: &str, arg: &str) -> bool {
     Command::new(cmd)

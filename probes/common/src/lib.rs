@@ -15,11 +15,14 @@ use core::mem::{offset_of, size_of};
 /// tracepoints { Variant = id, program_fn, "system", "event", Path, Kernel, "yields"; … }
 /// ioctls { Variant = id, COMMAND_NUMBER, "NAME", "yields"; … }
 /// own_programs { program_fn, "system", "event", Path, Kernel, "yields"; … }
+/// core_programs { Variant = id, program_fn, "system", "event", Path, Kernel, "yields"; … }
 /// ```
 ///
 /// `tracepoints` get a generated eBPF program that ships the raw record; `ioctls` are watched by
-/// the ioctl pair, which `own_programs` lists with the other hand-written programs. `Path` is a
-/// [`Watches`] variant, `Kernel` a [`Kernel`] variant.
+/// the ioctl pair, which `own_programs` lists with the other hand-written programs;
+/// `core_programs` are C programs (`probes/core/`, CO-RE, loaded with libbpf) that read kernel
+/// structures a tracepoint record leaves out, shipping [`Record`]s of their own id. `Path` is
+/// a [`Watches`] variant, `Kernel` a [`Kernel`] variant.
 #[macro_export]
 macro_rules! with_probes {
     ($m:ident) => {
@@ -91,6 +94,12 @@ macro_rules! with_probes {
                 sys_exit_ioctl, "syscalls", "sys_exit_ioctl", Memslot, Stock,
                     "the watched ioctls with latency: memslot_* (KVM_SET_USER_MEMORY_REGION[2]), prepopulate_end (KVM_PRE_FAULT_MEMORY), iommu_map/unmap + pin/unpin (VFIO_IOMMU_MAP/UNMAP_DMA, IOMMU_IOAS_MAP/UNMAP)";
             }
+            core_programs {
+                // tp_btf on the same tracepoint: struct kvm_mmu_page itself, so a TDP root is
+                // known by having no parent entry and carries its table's physical address.
+                KvmMmuPageCore = 27, mmu_get_page, "kvmmmu", "kvm_mmu_get_page", RootUpdate,
+                    Stock, "root_alloc with the root table's host-physical address (CO-RE)";
+            }
         }
     };
 }
@@ -132,6 +141,8 @@ pub struct Program {
     pub kernel: Kernel,
     /// The events it yields.
     pub yields: &'static str,
+    /// A CO-RE C program (`probes/core/`), not one of the Rust eBPF object's.
+    pub core: bool,
 }
 
 /// One ioctl command the ioctl pair watches.
@@ -159,6 +170,10 @@ macro_rules! declare {
             $($oprog:ident, $osys:literal, $oev:literal, $opath:ident, $okernel:ident,
                 $oyields:literal;)*
         }
+        core_programs {
+            $($cv:ident = $cid:literal, $cprog:ident, $csys:literal, $cev:literal,
+                $cpath:ident, $ckernel:ident, $cyields:literal;)*
+        }
     ) => {
         /// A probe: the id its records, counters and histograms carry.
         #[repr(u32)]
@@ -166,17 +181,20 @@ macro_rules! declare {
         pub enum ProbeId {
             $($tv = $tid,)*
             $($iv = $iid,)*
+            $($cv = $cid,)*
         }
 
         impl ProbeId {
             /// Every probe.
-            pub const ALL: &'static [ProbeId] = &[$(ProbeId::$tv,)* $(ProbeId::$iv,)*];
+            pub const ALL: &'static [ProbeId] =
+                &[$(ProbeId::$tv,)* $(ProbeId::$iv,)* $(ProbeId::$cv,)*];
 
             /// The probe with id `id`.
             pub const fn from_u32(id: u32) -> Option<ProbeId> {
                 match id {
                     $($tid => Some(ProbeId::$tv),)*
                     $($iid => Some(ProbeId::$iv),)*
+                    $($cid => Some(ProbeId::$cv),)*
                     _ => None,
                 }
             }
@@ -186,6 +204,7 @@ macro_rules! declare {
                 match self {
                     $(ProbeId::$tv => $ev,)*
                     $(ProbeId::$iv => $iname,)*
+                    $(ProbeId::$cv => concat!($cev, " (CO-RE)"),)*
                 }
             }
 
@@ -208,6 +227,7 @@ macro_rules! declare {
                 watches: Watches::$path,
                 kernel: Kernel::$kernel,
                 yields: $yields,
+                core: false,
             },)*
             $(Program {
                 program: stringify!($oprog),
@@ -217,6 +237,17 @@ macro_rules! declare {
                 watches: Watches::$opath,
                 kernel: Kernel::$okernel,
                 yields: $oyields,
+                core: false,
+            },)*
+            $(Program {
+                program: stringify!($cprog),
+                system: $csys,
+                event: $cev,
+                id: Some(ProbeId::$cv),
+                watches: Watches::$cpath,
+                kernel: Kernel::$ckernel,
+                yields: $cyields,
+                core: true,
             },)*
         ];
 
