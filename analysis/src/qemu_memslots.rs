@@ -216,17 +216,20 @@ mod tests {
     }
 
     #[test]
-    fn committed_trace_fixture_is_this_importers_output() {
-        // fixtures/traces/seabios-pc-2g.jsonl was written by
-        // `tdpshare-analyze import-qemu ... --vm 1 --start-unix-ns 0`; it must stay in step.
-        let (events, _) = import(fixture("seabios-pc-2g.trace"), 1, 1_000_000).unwrap();
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fixtures/traces/seabios-pc-2g.jsonl");
-        let recorded: Vec<Event> = tdpshare::TraceReader::open(path)
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(recorded, events);
+    fn committed_trace_fixtures_are_this_importers_output() {
+        // fixtures/traces/seabios-*.jsonl were written by
+        // `tdpshare-analyze import-qemu ... --vm 1 --start-unix-ns 0`; they must stay in step
+        // (the lab replays seabios-q35-64m).
+        for name in ["seabios-pc-2g", "seabios-pc-8g", "seabios-q35-64m"] {
+            let (events, _) = import(fixture(&format!("{name}.trace")), 1, 1_000_000).unwrap();
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../fixtures/traces/{name}.jsonl"));
+            let recorded: Vec<Event> = tdpshare::TraceReader::open(path)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(recorded, events, "{name}");
+        }
     }
 
     #[test]
