@@ -315,7 +315,42 @@ fn applied_subjects(tree: &Path) -> anyhow::Result<Vec<String>> {
     Ok(log.lines().map(str::to_string).collect())
 }
 
+/// `git patch-id --stable` of a diff (a patch file, or `git show`'s output): equal for equal
+/// changes whatever the commit ids, dates and messages.
+fn patch_id(tree: &Path, diff: &[u8]) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = git(tree)
+        .args(["patch-id", "--stable"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running git patch-id")?;
+    child
+        .stdin
+        .take()
+        .context("git patch-id's stdin")?
+        .write_all(diff)?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+/// Whether the commits on top of the base carry the same changes as the series' files.
+fn applied_changes_match(tree: &Path, patches: &[PathBuf]) -> anyhow::Result<bool> {
+    let commits = output(git(tree).args(["rev-list", "--reverse", &format!("{BASE_TAG}..HEAD")]))?;
+    for (commit, patch) in commits.lines().zip(patches) {
+        let shown = git(tree).args(["show", "--format=", commit]).output()?.stdout;
+        let file = std::fs::read(patch).with_context(|| format!("reading {}", patch.display()))?;
+        if patch_id(tree, &shown)? != patch_id(tree, &file)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// `cargo xtask patches apply`: the series on top of the pristine source, one commit per patch.
+/// A tree holding an older version of the series (same subjects, other changes) is reset and
+/// the series applied again; a tree with other commits or changes is left alone.
 pub fn patches_apply() -> anyhow::Result<()> {
     let tree = ensure_tree()?;
     let patches = series()?;
@@ -323,7 +358,18 @@ pub fn patches_apply() -> anyhow::Result<()> {
         .iter()
         .map(|p| subject(p))
         .collect::<Result<_, _>>()?;
-    let have = applied_subjects(&tree)?;
+    let mut have = applied_subjects(&tree)?;
+    if have == want && !applied_changes_match(&tree, &patches)? {
+        let status = output(git(&tree).args(["status", "--porcelain", "--untracked-files=no"]))?;
+        ensure!(
+            status.trim().is_empty(),
+            "{} has uncommitted changes: run `cargo xtask patches unapply` first",
+            tree.display()
+        );
+        println!("the tree holds an older version of the series: applying it again");
+        run(git(&tree).args(["reset", "-q", "--hard", BASE_TAG]))?;
+        have.clear();
+    }
     if have == want {
         println!("already applied: {} patches", want.len());
     } else {
@@ -424,7 +470,8 @@ pub enum Config {
 }
 
 impl Config {
-    fn name(self) -> &'static str {
+    /// Its name on the command line (`--config`).
+    pub fn name(self) -> &'static str {
         match self {
             Config::Lab => "lab",
             Config::Minimal => "minimal",
@@ -449,6 +496,9 @@ impl Config {
             "PCI_MSI",
             "IRQ_REMAP",
             "BPF_SYSCALL",
+            "BPF_JIT",
+            // syscalls:sys_{enter,exit}_ioctl: the probes' memslot operations.
+            "FTRACE_SYSCALLS",
             "FTRACE",
             "EVENT_TRACING",
             "SERIAL_8250_CONSOLE",
@@ -466,6 +516,12 @@ impl Config {
                 "DEBUG_FS",
                 "IOMMU_DEBUGFS",
                 "INTEL_IOMMU_DEBUGFS",
+                // iommufd's mock driver, for tools/testing/selftests/iommu (the lab's
+                // selftests run them on both kernels).
+                "DEBUG_KERNEL",
+                "RUNTIME_TESTING_MENU",
+                "FAULT_INJECTION",
+                "IOMMUFD_TEST",
             ]);
         }
         on
@@ -686,7 +742,8 @@ pub fn boot(config: Config) -> anyhow::Result<()> {
     let console = std::fs::File::create(&log)?;
     // -cpu max under TCG: AMD SVM with NPT, so KVM in the guest runs its TDP MMU; the VT-d
     // needs aw-bits=48 (QEMU 7.2's default is 39) and the guest no5lvl (5-level NPT roots
-    // cannot be walked by it); intel_iommu_tdp_walks_npt: it walks x86-64-format tables.
+    // cannot be walked by it); intel_iommu_tdp_emulated: the unit is QEMU's model, which walks
+    // x86-64-format tables and reads them coherently (it advertises neither).
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "2G"])
         .args(["-machine", "q35,kernel-irqchip=split"])
@@ -700,7 +757,7 @@ pub fn boot(config: Config) -> anyhow::Result<()> {
         .arg(&initrd)
         .args([
             "-append",
-            "console=ttyS0 intel_iommu=on panic=-1 no5lvl intel_iommu_tdp_walks_npt=1",
+            "console=ttyS0 intel_iommu=on panic=-1 no5lvl intel_iommu_tdp_emulated=1",
         ])
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
