@@ -70,6 +70,11 @@ pub struct Decoder {
     /// `KVM_PRE_FAULT_MEMORY` returned (entries, largest page), folded into that ioctl's one
     /// event when it returns.
     prefault_maps: HashMap<u32, (u64, PageSize)>,
+    /// Per thread, with the series: the VT-d driver's invalidations (descriptors, cache-tag
+    /// flushes) held with the CLOCK_MONOTONIC time of the first, until the thread's next
+    /// record tells whether they were the implementation of KVM's `tdpshare:iotlb_flush`
+    /// (traced after them, with the cost): then only that one stands.
+    pending_flush: HashMap<u32, (u64, Vec<Event>)>,
 }
 
 impl Decoder {
@@ -93,6 +98,7 @@ impl Decoder {
             uneventful: 0,
             core_roots: false,
             prefault_maps: HashMap::new(),
+            pending_flush: HashMap::new(),
         }
     }
 
@@ -146,6 +152,20 @@ impl Decoder {
                 out.push(held);
             }
         }
+        let driver_flush = self.formats.contains_key(&ProbeId::TdpshareIotlbFlush)
+            && [
+                ProbeId::IntelQiSubmit as u32,
+                ProbeId::IntelCacheTagFlushRange as u32,
+                ProbeId::IntelCacheTagFlushRangeNp as u32,
+            ]
+            .contains(&r.probe);
+        if !driver_flush && let Some((_, held)) = self.pending_flush.remove(&r.tid) {
+            if r.probe == ProbeId::TdpshareIotlbFlush as u32 {
+                self.uneventful += held.len() as u64;
+            } else {
+                out.extend(held);
+            }
+        }
         for (kind, vcpu) in kinds {
             let event = Event {
                 ts_ns: ts,
@@ -156,6 +176,12 @@ impl Decoder {
             };
             if r.probe == ProbeId::KvmExit as u32 {
                 self.pending_cr.insert(r.tid, (r.ts_ns, event));
+            } else if driver_flush {
+                self.pending_flush
+                    .entry(r.tid)
+                    .or_insert((r.ts_ns, Vec::new()))
+                    .1
+                    .push(event);
             } else {
                 out.push(event);
             }
@@ -163,8 +189,9 @@ impl Decoder {
         out
     }
 
-    /// The CR writes held back since before `before_mono_ns` (CLOCK_MONOTONIC) whose thread
-    /// said nothing more: no `kvm_cr` reported them, they stand as they are.
+    /// The CR writes and driver invalidations held back since before `before_mono_ns`
+    /// (CLOCK_MONOTONIC) whose thread said nothing more: no `kvm_cr` reported the writes, no
+    /// `tdpshare:iotlb_flush` claimed the invalidations; they stand as they are.
     pub fn flush_pending(&mut self, before_mono_ns: u64) -> Vec<Event> {
         let due: Vec<u32> = self
             .pending_cr
@@ -176,6 +203,17 @@ impl Decoder {
             .into_iter()
             .filter_map(|tid| self.pending_cr.remove(&tid).map(|(_, e)| e))
             .collect();
+        let due: Vec<u32> = self
+            .pending_flush
+            .iter()
+            .filter(|(_, (at, _))| *at < before_mono_ns)
+            .map(|(&tid, _)| tid)
+            .collect();
+        for tid in due {
+            if let Some((_, held)) = self.pending_flush.remove(&tid) {
+                out.extend(held);
+            }
+        }
         out.sort_by_key(|e| e.ts_ns);
         out
     }
@@ -842,6 +880,50 @@ print fmt: \"%s\", __get_str(iommu)
                 ns: 900
             }
         );
+    }
+
+    #[test]
+    fn driver_invalidations_inside_kvm_s_flush_are_not_counted_twice() {
+        let mut d = series_decoder();
+        d.formats.insert(
+            ProbeId::IntelQiSubmit,
+            Format::parse("intel_iommu", QI_SUBMIT_FORMAT).unwrap(),
+        );
+        // A domain-selective IOTLB descriptor (type 2, granularity 2, domain 9)...
+        let qw0: u64 = 2 | (2 << 4) | (9 << 16);
+        let qi = record(ProbeId::IntelQiSubmit, &[(8, &qw0.to_le_bytes())]);
+        let kvm_flush = record(
+            ProbeId::TdpshareIotlbFlush,
+            &[
+                (8, &0u64.to_le_bytes()),
+                (16, &0u64.to_le_bytes()),
+                (24, &900u64.to_le_bytes()),
+            ],
+        );
+        // ... inside KVM's flush (same thread, traced after it): one flush, KVM's.
+        assert!(d.decode(&qi).is_empty());
+        let ev = d.decode(&kvm_flush);
+        assert_eq!(ev.len(), 1);
+        assert!(matches!(ev[0].kind, EventKind::IotlbFlush { ns: 900, .. }));
+        // One the driver issued on its own (an IOAS unmap) stands, released by the thread's
+        // next record or by time.
+        assert!(d.decode(&qi).is_empty());
+        let other = record(
+            ProbeId::TdpshareRootUpdate,
+            &[(8, &0x5000u64.to_le_bytes()), (16, &4u32.to_le_bytes())],
+        );
+        let ev = d.decode(&other);
+        assert_eq!(ev.len(), 2);
+        assert!(matches!(
+            ev[0].kind,
+            EventKind::IotlbFlush {
+                domain: Some(9),
+                ..
+            }
+        ));
+        assert!(d.decode(&qi).is_empty());
+        assert!(d.flush_pending(5_000).is_empty());
+        assert_eq!(d.flush_pending(7_000).len(), 1);
     }
 
     #[test]

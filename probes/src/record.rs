@@ -107,6 +107,11 @@ pub fn record(
         return Err(RecordError::NothingAttached { table });
     }
     status(&table);
+    status(&format!(
+        "recording with {} of {} probes attached\n",
+        session.attached(),
+        session.statuses.len()
+    ));
     let header = Header::new(Source::Live, kernel_release());
     let mut trace = TraceFile::create(output, &header)?;
     let deadline = duration.map(|d| Instant::now() + d);
