@@ -348,9 +348,14 @@ fn applied_changes_match(tree: &Path, patches: &[PathBuf]) -> anyhow::Result<boo
     Ok(true)
 }
 
+/// The ref `patches apply` leaves at the commit it made last: a tree whose HEAD is still there
+/// holds nothing but a series xtask applied.
+const APPLIED_REF: &str = "refs/tdpshare/applied";
+
 /// `cargo xtask patches apply`: the series on top of the pristine source, one commit per patch.
-/// A tree holding an older version of the series (same subjects, other changes) is reset and
-/// the series applied again; a tree with other commits or changes is left alone.
+/// A tree holding an older version of the series that xtask applied (other subjects, or the
+/// same with other changes) is reset and the series applied again; a tree with commits or
+/// changes of someone else's is left alone.
 pub fn patches_apply() -> anyhow::Result<()> {
     let tree = ensure_tree()?;
     let patches = series()?;
@@ -359,27 +364,28 @@ pub fn patches_apply() -> anyhow::Result<()> {
         .map(|p| subject(p))
         .collect::<Result<_, _>>()?;
     let mut have = applied_subjects(&tree)?;
-    if have == want && !applied_changes_match(&tree, &patches)? {
+    let current = have == want && applied_changes_match(&tree, &patches)?;
+    if !have.is_empty() && !current {
+        let head = output(git(&tree).args(["rev-parse", "HEAD"]))?;
+        let ours = git(&tree)
+            .args(["rev-parse", "--verify", "-q", APPLIED_REF])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout == head.as_bytes());
         let status = output(git(&tree).args(["status", "--porcelain", "--untracked-files=no"]))?;
         ensure!(
-            status.trim().is_empty(),
-            "{} has uncommitted changes: run `cargo xtask patches unapply` first",
-            tree.display()
+            ours && status.trim().is_empty(),
+            "{} has commits or changes other than a series xtask applied on top of {BASE_TAG} \
+             ({}): run `cargo xtask patches unapply` first",
+            tree.display(),
+            have.join("; ")
         );
         println!("the tree holds an older version of the series: applying it again");
         run(git(&tree).args(["reset", "-q", "--hard", BASE_TAG]))?;
         have.clear();
     }
-    if have == want {
+    if current {
         println!("already applied: {} patches", want.len());
     } else {
-        ensure!(
-            have.is_empty(),
-            "{} has commits other than the series on top of {BASE_TAG} ({}): run \
-             `cargo xtask patches unapply` first",
-            tree.display(),
-            have.join("; ")
-        );
         let status = output(git(&tree).args(["status", "--porcelain", "--untracked-files=no"]))?;
         ensure!(
             status.trim().is_empty(),
@@ -402,6 +408,7 @@ pub fn patches_apply() -> anyhow::Result<()> {
             }
             println!("applied: {}", subject(p)?);
         }
+        run(git(&tree).args(["update-ref", APPLIED_REF, "HEAD"]))?;
     }
     install_decision(&tree)
 }
@@ -410,6 +417,7 @@ pub fn patches_apply() -> anyhow::Result<()> {
 pub fn patches_unapply() -> anyhow::Result<()> {
     let tree = ensure_tree()?;
     run(git(&tree).args(["reset", "-q", "--hard", BASE_TAG]))?;
+    let _ = git(&tree).args(["update-ref", "-d", APPLIED_REF]).output();
     let decision = tree.join("arch/x86/kvm/tdp_share");
     if decision.exists() {
         std::fs::remove_dir_all(&decision)?;
