@@ -64,6 +64,23 @@ pub struct RecordArgs {
     /// Stop after this many seconds (default: at Ctrl-C).
     #[arg(long)]
     pub duration: Option<f64>,
+    /// The kernel-side event buffer in MiB (a power of two): raise it when the summary reports
+    /// records dropped in the kernel (a slow machine, bursts of pre-population).
+    #[arg(long, default_value_t = 4, value_parser = parse_ring_mib)]
+    pub ring_mib: u32,
+}
+
+/// `--ring-mib`: a power of two from 1 to 1024.
+fn parse_ring_mib(text: &str) -> Result<u32, String> {
+    let n: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number of MiB"))?;
+    if !(1..=1024).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "{n} MiB: the ring buffer takes a power of two from 1 to 1024 MiB"
+        ));
+    }
+    Ok(n)
 }
 
 /// The `record` command: records until the duration passes or Ctrl-C, reporting on stderr.
@@ -76,7 +93,11 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     eprintln!("recording to {} ...", args.output.display());
     let summary = record(
         &args.output,
-        args.pid,
+        &LoadOptions {
+            pid: args.pid,
+            ring_bytes: Some(args.ring_mib << 20),
+            ..LoadOptions::default()
+        },
         args.duration.map(Duration::from_secs_f64),
         &stop,
         |s| eprint!("{s}"),
@@ -88,17 +109,17 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records live events of `pid` (all processes when `None`) into `output` until `duration`
+/// Records live events (of `opts.pid`, or all processes) into `output` until `duration`
 /// passes or `stop` is set; `status` receives the probe status table and notes first. The
 /// trace appears under its name only when complete (`TraceFile`).
 pub fn record(
     output: &Path,
-    pid: Option<u32>,
+    opts: &LoadOptions,
     duration: Option<Duration>,
     stop: &AtomicBool,
     mut status: impl FnMut(&str),
 ) -> Result<RecordSummary, RecordError> {
-    let mut session = Session::start(&LoadOptions { pid, tracefs: None });
+    let mut session = Session::start(opts);
     for n in &session.notes {
         status(&format!("note: {n}\n"));
     }
@@ -136,4 +157,18 @@ pub fn record(
         uneventful,
         counters: session.counters(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_mib_takes_powers_of_two_within_bounds() {
+        assert_eq!(parse_ring_mib("64"), Ok(64));
+        assert_eq!(parse_ring_mib("1"), Ok(1));
+        for bad in ["0", "3", "2048", "-4", "x", "1.5"] {
+            assert!(parse_ring_mib(bad).is_err(), "{bad}");
+        }
+    }
 }

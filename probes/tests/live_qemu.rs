@@ -49,7 +49,7 @@ fn probes_see_a_real_guest_and_only_it() {
     let pid = child.id();
     let mut session = Session::start(&LoadOptions {
         pid: Some(pid),
-        tracefs: None,
+        ..LoadOptions::default()
     });
     if let Some(s) = session
         .statuses

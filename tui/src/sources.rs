@@ -243,7 +243,10 @@ pub fn live(
     }
     let stop = sources.stop.clone();
     sources.threads.push(std::thread::spawn(move || {
-        let mut session = Session::start(&LoadOptions { pid, tracefs: None });
+        let mut session = Session::start(&LoadOptions {
+            pid,
+            ..LoadOptions::default()
+        });
         let rows: Vec<ProbeRow> = session
             .statuses
             .iter()
