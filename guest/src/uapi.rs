@@ -151,6 +151,29 @@ pub struct Cpuid2<const N: usize> {
     pub entries: [CpuidEntry2; N],
 }
 
+/// `IOMMU_HWPT_DATA_KVM` (the series' `include/uapi/linux/iommufd.h`): a hardware page table
+/// that is a KVM VM's TDP table.
+pub const IOMMU_HWPT_DATA_KVM: u32 = 16;
+
+/// `struct iommu_hwpt_kvm`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IommuHwptKvm {
+    pub vm_fd: u32,
+    pub reserved: u32,
+}
+
+/// VFIO's ioctl type and base (`include/uapi/linux/vfio.h`).
+const fn vfio(nr: u64) -> u64 {
+    ((b';' as u64) << 8) | (100 + nr)
+}
+pub const VFIO_DEVICE_GET_INFO: u64 = vfio(7);
+pub const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio(8);
+pub const VFIO_DEVICE_RESET: u64 = vfio(11);
+pub const VFIO_DEVICE_BIND_IOMMUFD: u64 = vfio(18);
+pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u64 = vfio(19);
+pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: u64 = vfio(20);
+
 // The C layouts.
 const _: () = assert!(size_of::<UserMemoryRegion>() == 32);
 const _: () = assert!(size_of::<PreFaultMemory>() == 64);
@@ -159,3 +182,5 @@ const _: () = assert!(size_of::<TdpShare>() == 316);
 const _: () = assert!(size_of::<TdpShareRange>() == 32);
 const _: () = assert!(size_of::<CpuidEntry2>() == 40);
 const _: () = assert!(KVM_TDP_SHARE_REQUEST == 0xc13c_aed6);
+const _: () = assert!(size_of::<IommuHwptKvm>() == 8);
+const _: () = assert!(VFIO_DEVICE_BIND_IOMMUFD == 0x3b76);

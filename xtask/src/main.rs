@@ -17,6 +17,7 @@ use anyhow::{Context, bail, ensure};
 
 mod checks;
 mod kernel;
+mod lab;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,65 @@ enum Task {
         #[command(subcommand)]
         action: PatchTask,
     },
+    /// The lab: the kernel in an L1 under QEMU TCG with an emulated VT-d and edu (docs/lab.md).
+    Lab {
+        #[command(subcommand)]
+        action: LabTask,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabTask {
+    /// The initramfs: busybox, tdpshare-lab, tdpshare-probe, sharetop and the memslot fixtures.
+    Build,
+    /// Boot the L1 and run CMD in it; its results directory is shared (9p, mounted at /lab).
+    Run {
+        /// L1 memory (QEMU syntax: 2048M, 4G; a plain number is MiB).
+        #[arg(long, default_value = "2G", value_parser = parse_mem)]
+        mem: u64,
+        /// The VT-d in scalable mode (default: legacy mode).
+        #[arg(long)]
+        scalable: bool,
+        /// Boot the stock kernel (`kernel build --config stock`): no sharing, real TDP events.
+        #[arg(long)]
+        stock: bool,
+        /// Seconds before the L1 counts as hung (QEMU is then killed).
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// The command (a shell command line) to run in the L1.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Kernels (incremental), initramfs, then the lab VMM's checks on the series' kernel
+    /// (scalable and legacy mode) and the stock kernel.
+    Test {
+        /// L1 memory (QEMU syntax).
+        #[arg(long, default_value = "2G", value_parser = parse_mem)]
+        mem: u64,
+        /// Seconds each L1 may take.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+}
+
+/// A memory size in MiB from `2G`, `2048M` or `2048`.
+fn parse_mem(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, factor) = match t.chars().last() {
+        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is no memory size (2G, 2048M, 2048)"))?;
+    let mib = n.saturating_mul(factor);
+    if !(512..=16384).contains(&mib) {
+        return Err(format!(
+            "{mib} MiB: the L1 needs between 512 MiB and 16 GiB"
+        ));
+    }
+    Ok(mib)
 }
 
 #[derive(Debug, Subcommand)]
@@ -378,6 +438,30 @@ fn main() -> anyhow::Result<()> {
             KernelTask::Boot { config } => kernel::boot(config),
             KernelTask::Check => kernel::check(),
             KernelTask::Test { config } => kernel::test(config),
+        },
+        Task::Lab { action } => match action {
+            LabTask::Build => lab::build().map(|_| ()),
+            LabTask::Run {
+                mem,
+                scalable,
+                stock,
+                timeout,
+                cmd,
+            } => lab::run_command(&lab::Boot {
+                config: if stock {
+                    kernel::Config::Stock
+                } else {
+                    kernel::Config::Lab
+                },
+                mem_mib: mem,
+                scalable,
+                timeout: std::time::Duration::from_secs(timeout),
+                command: cmd.join(" "),
+                name: if stock { "run-stock" } else { "run" }.into(),
+            }),
+            LabTask::Test { mem, timeout } => {
+                lab::test(mem, std::time::Duration::from_secs(timeout))
+            }
         },
         Task::Patches { action } => match action {
             PatchTask::Check => kernel::patches_check(),

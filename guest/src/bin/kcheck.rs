@@ -14,8 +14,6 @@
 //!
 //! Exit status 0 when every check passed.
 
-mod uapi;
-
 use std::ffi::CString;
 use std::io::Write;
 use std::process::ExitCode;
@@ -27,47 +25,12 @@ use tdpshare::decision::kvm::KvmKernel;
 use tdpshare::decision::policy::ShareMode;
 use tdpshare::decision::prereq::{self, SlotsNamed, VIommu, VmFacts};
 
-use uapi::*;
+use tdpshare_guest::sys::{Report, errno, ioctl, ioctl_val};
+use tdpshare_guest::uapi::*;
 
 const TRACING: &str = "/sys/kernel/tracing";
 /// Guest memory of the test VM: 64 MiB at guest physical 0.
 const MEM: usize = 64 << 20;
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-/// `ioctl(fd, req, arg)`: the return value, or the errno.
-fn ioctl<T>(fd: i32, req: u64, arg: *mut T) -> Result<i32, i32> {
-    // SAFETY: `arg` points to a value of the layout `req` expects (the callers pair them).
-    let r = unsafe { libc::ioctl(fd, req as libc::c_ulong, arg) };
-    if r < 0 { Err(errno()) } else { Ok(r) }
-}
-
-/// `ioctl(fd, req, value)` for requests that take an integer.
-fn ioctl_val(fd: i32, req: u64, value: u64) -> Result<i32, i32> {
-    // SAFETY: the request takes an integer argument, not a pointer.
-    let r = unsafe { libc::ioctl(fd, req as libc::c_ulong, value as libc::c_ulong) };
-    if r < 0 { Err(errno()) } else { Ok(r) }
-}
-
-#[derive(Default)]
-struct Report {
-    passed: u32,
-    failed: u32,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, ok: bool, detail: impl AsRef<str>) {
-        let verdict = if ok { "ok" } else { "FAIL" };
-        println!("kcheck: {verdict:4} {name}: {}", detail.as_ref());
-        if ok {
-            self.passed += 1;
-        } else {
-            self.failed += 1;
-        }
-    }
-}
 
 /// A VM with 64 MiB of anonymous memory in slot 0 and one vCPU.
 struct Vm {
@@ -110,13 +73,15 @@ impl Vm {
             memory_size: MEM as u64,
             userspace_addr: self.mem as u64,
         };
-        ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, &mut region)
+        // SAFETY: a struct kvm_userspace_memory_region, what KVM_SET_USER_MEMORY_REGION takes.
+        unsafe { ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, &mut region) }
             .map(|_| ())
             .map_err(|e| format!("errno {e}"))
     }
 
     fn request(&self, req: &mut TdpShare) -> Result<i32, i32> {
-        ioctl(self.fd, KVM_TDP_SHARE_REQUEST, req)
+        // SAFETY: a struct kvm_tdp_share, what KVM_TDP_SHARE_REQUEST takes.
+        unsafe { ioctl(self.fd, KVM_TDP_SHARE_REQUEST, req) }
     }
 
     /// Offers VMX/SVM to the guest in vCPU 0's CPUID (nested virtualization).
@@ -126,7 +91,8 @@ impl Vm {
             padding: 0,
             entries: [CpuidEntry2::default(); 256],
         };
-        ioctl(kvm, KVM_GET_SUPPORTED_CPUID, &mut cpuid)
+        // SAFETY: a struct kvm_cpuid2 whose nent says how many entries follow.
+        unsafe { ioctl(kvm, KVM_GET_SUPPORTED_CPUID, &mut cpuid) }
             .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: errno {e}"))?;
         let n = cpuid.nent as usize;
         let nested = cpuid.entries[..n].iter().any(|e| {
@@ -136,7 +102,8 @@ impl Vm {
         if !nested {
             return Err("KVM offers neither VMX nor SVM to guests (nested off)".into());
         }
-        ioctl(self.vcpu, KVM_SET_CPUID2, &mut cpuid)
+        // SAFETY: a struct kvm_cpuid2 whose nent says how many entries follow.
+        unsafe { ioctl(self.vcpu, KVM_SET_CPUID2, &mut cpuid) }
             .map_err(|e| format!("KVM_SET_CPUID2: errno {e}"))?;
         Ok(())
     }
@@ -387,7 +354,8 @@ fn granted(report: &mut Report, kvm: i32, kind: Kind) -> Result<(), String> {
         flags: 0,
         pinned: 0,
     };
-    let pin = ioctl(vm.fd, KVM_TDP_SHARE_PIN, &mut range);
+    // SAFETY: a struct kvm_tdp_share_range, what KVM_TDP_SHARE_PIN takes.
+    let pin = unsafe { ioctl(vm.fd, KVM_TDP_SHARE_PIN, &mut range) };
     report.check(
         "pin the slot (FOLL_LONGTERM)",
         pin.is_ok() && range.pinned == (MEM / 4096) as u64,
@@ -407,7 +375,8 @@ fn granted(report: &mut Report, kvm: i32, kind: Kind) -> Result<(), String> {
     let mut steps = 0;
     let mut result = Ok(0);
     while pre.size > 0 && steps < 100_000 {
-        result = ioctl(vm.vcpu, KVM_PRE_FAULT_MEMORY, &mut pre);
+        // SAFETY: a struct kvm_pre_fault_memory, what KVM_PRE_FAULT_MEMORY takes.
+        result = unsafe { ioctl(vm.vcpu, KVM_PRE_FAULT_MEMORY, &mut pre) };
         if result.is_err() && result != Err(libc::EINTR) && result != Err(libc::EAGAIN) {
             break;
         }
@@ -474,7 +443,7 @@ fn run(report: &mut Report) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let mut report = Report::default();
+    let mut report = Report::new("kcheck");
     if let Err(e) = run(&mut report) {
         report.check("setup", false, e);
     }
