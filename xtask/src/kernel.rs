@@ -332,14 +332,21 @@ fn patch_id(tree: &Path, diff: &[u8]) -> anyhow::Result<String> {
         .write_all(diff)?;
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.split_whitespace().next().unwrap_or_default().to_owned())
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 /// Whether the commits on top of the base carry the same changes as the series' files.
 fn applied_changes_match(tree: &Path, patches: &[PathBuf]) -> anyhow::Result<bool> {
     let commits = output(git(tree).args(["rev-list", "--reverse", &format!("{BASE_TAG}..HEAD")]))?;
     for (commit, patch) in commits.lines().zip(patches) {
-        let shown = git(tree).args(["show", "--format=", commit]).output()?.stdout;
+        let shown = git(tree)
+            .args(["show", "--format=", commit])
+            .output()?
+            .stdout;
         let file = std::fs::read(patch).with_context(|| format!("reading {}", patch.display()))?;
         if patch_id(tree, &shown)? != patch_id(tree, &file)? {
             return Ok(false);
