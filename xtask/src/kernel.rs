@@ -69,7 +69,7 @@ fn stock_tree() -> PathBuf {
 
 /// The tree `config` builds from: the stock worktree (made at `tdpshare-base` if missing) or
 /// the cache's tree with the series.
-fn tree_for(config: Config) -> anyhow::Result<PathBuf> {
+pub fn tree_for(config: Config) -> anyhow::Result<PathBuf> {
     let tree = ensure_tree()?;
     if config != Config::Stock {
         return Ok(tree);
@@ -543,7 +543,7 @@ impl Config {
     }
 }
 
-fn build_dir(config: Config) -> PathBuf {
+pub fn build_dir(config: Config) -> PathBuf {
     cache_dir().join(format!("build-{}", config.name()))
 }
 

@@ -178,6 +178,14 @@ fn last_lines(text: &str, n: usize) -> String {
 /// Boots the L1 and runs `boot.command`; the console is echoed as it comes. Fails with the
 /// last serial lines when the L1 dies or hangs (QEMU, which this started, is killed).
 pub fn boot(boot: &Boot) -> anyhow::Result<Outcome> {
+    boot_with(boot, |_| Ok(()))
+}
+
+/// [`boot`], with `prepare` filling the results directory (the L1's `/lab`) first.
+pub fn boot_with(
+    boot: &Boot,
+    prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
     ensure!(
         has_command("qemu-system-x86_64", "--version"),
         "qemu-system-x86_64 is missing: run `cargo xtask kernel fetch`"
@@ -202,6 +210,7 @@ pub fn boot(boot: &Boot) -> anyhow::Result<Outcome> {
     }
     std::fs::create_dir_all(&results)?;
     std::fs::write(results.join("cmd.sh"), format!("{}\n", boot.command))?;
+    prepare(&results)?;
     let mut append = String::from("console=ttyS0 intel_iommu=on panic=-1 no5lvl");
     if boot.config != Config::Stock {
         // The series' VT-d claims NPT-format tables only when told it is QEMU's model.

@@ -18,6 +18,7 @@ use anyhow::{Context, bail, ensure};
 mod checks;
 mod kernel;
 mod lab;
+mod selftests;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -71,6 +72,22 @@ enum LabTask {
         /// The command (a shell command line) to run in the L1.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// The kernel's own KVM and iommufd selftests on the stock and the patched kernel (both
+    /// unless one is named), side by side.
+    Selftests {
+        /// Only the stock kernel.
+        #[arg(long, conflicts_with = "patched")]
+        stock: bool,
+        /// Only the patched kernel.
+        #[arg(long)]
+        patched: bool,
+        /// L1 memory (QEMU syntax).
+        #[arg(long, default_value = "2G", value_parser = parse_mem)]
+        mem: u64,
+        /// Seconds the whole L1 run may take.
+        #[arg(long, default_value_t = 5400)]
+        timeout: u64,
     },
     /// Kernels (incremental), initramfs, then the lab VMM's checks on the series' kernel
     /// (scalable and legacy mode) and the stock kernel.
@@ -459,6 +476,19 @@ fn main() -> anyhow::Result<()> {
                 command: cmd.join(" "),
                 name: if stock { "run-stock" } else { "run" }.into(),
             }),
+            LabTask::Selftests {
+                stock,
+                patched,
+                mem,
+                timeout,
+            } => {
+                let configs = match (stock, patched) {
+                    (true, _) => vec![kernel::Config::Stock],
+                    (_, true) => vec![kernel::Config::Lab],
+                    _ => vec![kernel::Config::Stock, kernel::Config::Lab],
+                };
+                selftests::selftests(&configs, mem, std::time::Duration::from_secs(timeout))
+            }
             LabTask::Test { mem, timeout } => {
                 lab::test(mem, std::time::Duration::from_secs(timeout))
             }
