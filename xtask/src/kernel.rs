@@ -217,21 +217,28 @@ fn ensure_tree() -> anyhow::Result<PathBuf> {
     Ok(tree)
 }
 
-/// `cargo xtask patches check`: every patch applies, in order, to the pristine source.
-pub fn patches_check() -> anyhow::Result<()> {
-    let tree = ensure_tree()?;
-    let patches = series()?;
-    let scratch = cache_dir().join("check-worktree");
+/// A fresh worktree of `tree` at the pristine source, in the cache under `name` (an old one
+/// there is removed first).
+fn scratch_worktree(tree: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let scratch = cache_dir().join(name);
     if scratch.exists() {
-        let _ = run(git(&tree)
+        let _ = run(git(tree)
             .args(["worktree", "remove", "--force"])
             .arg(&scratch));
         let _ = std::fs::remove_dir_all(&scratch);
     }
-    run(git(&tree)
+    run(git(tree)
         .args(["worktree", "add", "-q", "--detach"])
         .arg(&scratch)
         .arg(BASE_TAG))?;
+    Ok(scratch)
+}
+
+/// `cargo xtask patches check`: every patch applies, in order, to the pristine source.
+pub fn patches_check() -> anyhow::Result<()> {
+    let tree = ensure_tree()?;
+    let patches = series()?;
+    let scratch = scratch_worktree(&tree, "check-worktree")?;
     let result = (|| {
         for p in &patches {
             let name = p
@@ -355,6 +362,21 @@ fn applied_changes_match(tree: &Path, patches: &[PathBuf]) -> anyhow::Result<boo
     Ok(true)
 }
 
+/// Whether the tree has no uncommitted changes to tracked files.
+fn is_clean(tree: &Path) -> anyhow::Result<bool> {
+    let status = output(git(tree).args(["status", "--porcelain", "--untracked-files=no"]))?;
+    Ok(status.trim().is_empty())
+}
+
+fn ensure_clean(tree: &Path) -> anyhow::Result<()> {
+    ensure!(
+        is_clean(tree)?,
+        "{} has uncommitted changes: run `cargo xtask patches unapply` first",
+        tree.display()
+    );
+    Ok(())
+}
+
 /// The ref `patches apply` leaves at the commit it made last: a tree whose HEAD is still there
 /// holds nothing but a series xtask applied.
 const APPLIED_REF: &str = "refs/tdpshare/applied";
@@ -378,9 +400,8 @@ pub fn patches_apply() -> anyhow::Result<()> {
             .args(["rev-parse", "--verify", "-q", APPLIED_REF])
             .output()
             .is_ok_and(|o| o.status.success() && o.stdout == head.as_bytes());
-        let status = output(git(&tree).args(["status", "--porcelain", "--untracked-files=no"]))?;
         ensure!(
-            ours && status.trim().is_empty(),
+            ours && is_clean(&tree)?,
             "{} has commits or changes other than a series xtask applied on top of {BASE_TAG} \
              ({}): run `cargo xtask patches unapply` first",
             tree.display(),
@@ -393,12 +414,7 @@ pub fn patches_apply() -> anyhow::Result<()> {
     if current {
         println!("already applied: {} patches", want.len());
     } else {
-        let status = output(git(&tree).args(["status", "--porcelain", "--untracked-files=no"]))?;
-        ensure!(
-            status.trim().is_empty(),
-            "{} has uncommitted changes: run `cargo xtask patches unapply` first",
-            tree.display()
-        );
+        ensure_clean(&tree)?;
         for p in &patches {
             let out = git(&tree)
                 .args(["am", "-q", "--whitespace=error-all"])
@@ -639,17 +655,7 @@ pub fn check() -> anyhow::Result<()> {
 pub fn patches_build_each() -> anyhow::Result<()> {
     let tree = ensure_tree()?;
     let patches = series()?;
-    let scratch = cache_dir().join("each-worktree");
-    if scratch.exists() {
-        let _ = run(git(&tree)
-            .args(["worktree", "remove", "--force"])
-            .arg(&scratch));
-        let _ = std::fs::remove_dir_all(&scratch);
-    }
-    run(git(&tree)
-        .args(["worktree", "add", "-q", "--detach"])
-        .arg(&scratch)
-        .arg(BASE_TAG))?;
+    let scratch = scratch_worktree(&tree, "each-worktree")?;
     let build = cache_dir().join("build-each");
     let result = (|| {
         let mut cfg_done = false;

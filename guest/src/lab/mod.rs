@@ -129,6 +129,30 @@ struct Lab {
 }
 
 impl Lab {
+    /// `KVM_TDP_SHARE_PIN` over slot `s`: the pages pinned.
+    fn pin(&self, s: &Slot) -> anyhow::Result<u64> {
+        share::pin(self.l2.vm_fd(), s.gpa, s.size).map_err(|e| {
+            anyhow::anyhow!(
+                "KVM_TDP_SHARE_PIN {:#x}+{:#x}: {}",
+                s.gpa,
+                s.size,
+                errno_text(e)
+            )
+        })
+    }
+
+    /// `KVM_PRE_FAULT_MEMORY` over slot `s`.
+    fn prefault(&self, s: &Slot) -> anyhow::Result<()> {
+        self.l2.prefault(s.gpa, s.size).map_err(|e| {
+            anyhow::anyhow!(
+                "KVM_PRE_FAULT_MEMORY {:#x}+{:#x}: {}",
+                s.gpa,
+                s.size,
+                errno_text(e)
+            )
+        })
+    }
+
     /// Makes the device's DMA reach `s` (address space 0 only): pinned and pre-faulted into
     /// the shared table, or mapped into the IOMMU's own.
     fn map_slot(&mut self, s: Slot) -> anyhow::Result<()> {
@@ -137,22 +161,8 @@ impl Lab {
         }
         match self.translation {
             Translation::Shared { .. } => {
-                share::pin(self.l2.vm_fd(), s.gpa, s.size).map_err(|e| {
-                    anyhow::anyhow!(
-                        "KVM_TDP_SHARE_PIN {:#x}+{:#x}: {}",
-                        s.gpa,
-                        s.size,
-                        errno_text(e)
-                    )
-                })?;
-                self.l2.prefault(s.gpa, s.size).map_err(|e| {
-                    anyhow::anyhow!(
-                        "KVM_PRE_FAULT_MEMORY {:#x}+{:#x}: {}",
-                        s.gpa,
-                        s.size,
-                        errno_text(e)
-                    )
-                })?;
+                self.pin(&s)?;
+                self.prefault(&s)?;
             }
             Translation::Copied => self.iommu.map(s.gpa, s.host, s.size, !s.readonly())?,
             Translation::None => {}
@@ -346,14 +356,7 @@ impl Lab {
         let start = Instant::now();
         let mut pinned = 0;
         for s in slots.iter().filter(|s| s.as_id == 0) {
-            pinned += share::pin(self.l2.vm_fd(), s.gpa, s.size).map_err(|e| {
-                anyhow::anyhow!(
-                    "KVM_TDP_SHARE_PIN {:#x}+{:#x}: {}",
-                    s.gpa,
-                    s.size,
-                    errno_text(e)
-                )
-            })?;
+            pinned += self.pin(s)?;
         }
         let hwpt = match self.iommu.alloc_kvm_hwpt(self.dev_id, self.l2.vm_fd()) {
             Ok(h) => h,
@@ -379,14 +382,7 @@ impl Lab {
         self.translation = Translation::Shared { hwpt };
         // Pre-faulted only now: the attach gave the VM a fresh root.
         for s in slots.iter().filter(|s| s.as_id == 0) {
-            self.l2.prefault(s.gpa, s.size).map_err(|e| {
-                anyhow::anyhow!(
-                    "KVM_PRE_FAULT_MEMORY {:#x}+{:#x}: {}",
-                    s.gpa,
-                    s.size,
-                    errno_text(e)
-                )
-            })?;
+            self.prefault(s)?;
         }
         let root = iommu::translation_root(&self.bdf)?;
         self.iommu_roots.push(("at attach", root));
