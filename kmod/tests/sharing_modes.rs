@@ -870,3 +870,33 @@ fn after_a_fast_zap_vcpus_load_a_new_root_on_their_next_entry() {
         assert_eq!(vm.engine.root_refs().count(), 1);
     });
 }
+
+#[test]
+fn an_smm_slot_deletion_leaves_the_normal_address_space_mapped() {
+    // QEMU registers RAM in the SMM address space too and deletes those slots as SMRAM and
+    // PAM change (a recorded Linux boot deletes one within its first 20 memslot calls); 6.12
+    // zaps only the deleted slot's own address space, so DMA keeps reaching guest RAM.
+    for mode in [
+        ShareMode::PinPrepopulate,
+        ShareMode::SeparateTable,
+        ShareMode::Optimized,
+    ] {
+        with_vm(mode, config(), vtd(), |vm, _, _| {
+            vm.engine.add_slot(slot(0, 0, 1 << 30)).unwrap();
+            vm.engine
+                .add_slot(Memslot {
+                    as_id: 1,
+                    ..slot(0, 0, 1 << 30)
+                })
+                .unwrap();
+            vm.engine.request_sharing(&vtd()).unwrap();
+            vm.engine.smm(0, true).unwrap();
+            vm.touch(0, Gpa(0x10_0000), 1 << 20, true).unwrap();
+            vm.engine.smm(0, false).unwrap();
+            vm.engine.delete_slot(1, 0).unwrap();
+            assert!(vm.dma_reaches(Gpa(0x1000)), "{mode}: RAM unmapped");
+            assert_eq!(vm.verify_pinned_dma(), 0, "{mode}");
+            assert_eq!(vm.engine.pinner().pinned_pages(), 1 << 18, "{mode}");
+        });
+    }
+}

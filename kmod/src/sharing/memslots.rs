@@ -123,7 +123,16 @@ impl<P: Platform> SharingVm<P> {
         };
         // The vCPUs' side: KVM's own behaviour unless the shared root must persist.
         let cpu_persists = self.iommu_on_cpu_root() && removal != Removal::FastZapAllRoots;
-        if cpu_persists {
+        if cpu_persists && slot.as_id != 0 {
+            // 6.12 zaps a deleted slot's range in the roots of the slot's own address space
+            // only (`kvm_tdp_mmu_unmap_gfn_range` walks `range->slot->as_id`'s roots): an SMM
+            // slot leaves the normal root — the one the IOMMU walks — alone. QEMU registers
+            // RAM in both spaces, so SMM slots come and go with SMRAM and PAM changes while
+            // the normal slots over the same addresses stay.
+            if let Some(smm) = self.smm_root {
+                self.cpu.zap(smm, slot.gfn(), slot.frames(), true)?;
+            }
+        } else if cpu_persists {
             let root = self.ensure_cpu_root(RootCause::Initial)?;
             match removal {
                 Removal::ZapAllLeaves => {
@@ -140,14 +149,18 @@ impl<P: Platform> SharingVm<P> {
                     self.content_updated(slot.gfn(), slot.frames());
                 }
             }
+            // The model's SMM root maps normal slots (it has no SMM memslots of its own), so
+            // it loses the range too.
             if let Some(smm) = self.smm_root {
                 self.cpu.zap(smm, slot.gfn(), slot.frames(), true)?;
             }
         } else {
             self.fast_zap()?;
         }
-        // A separate IOMMU table: only the slot's range.
-        if let Some((mmu, root)) = self.separate.as_mut() {
+        // A separate IOMMU table (it mirrors the normal address space): only the slot's range.
+        if slot.as_id == 0
+            && let Some((mmu, root)) = self.separate.as_mut()
+        {
             mmu.zap_released(*root, slot.gfn(), slot.frames(), true)?;
             self.content_updated(slot.gfn(), slot.frames());
         }
