@@ -123,12 +123,13 @@ impl<P: Platform> SharingVm<P> {
         };
         // The vCPUs' side: KVM's own behaviour unless the shared root must persist.
         let cpu_persists = self.iommu_on_cpu_root() && removal != Removal::FastZapAllRoots;
-        if cpu_persists && slot.as_id != 0 {
-            // 6.12 zaps a deleted slot's range in the roots of the slot's own address space
-            // only (`kvm_tdp_mmu_unmap_gfn_range` walks `range->slot->as_id`'s roots): an SMM
+        if cpu_persists && removal == Removal::ZapSlot && slot.as_id != 0 {
+            // Zapping only the slot, 6.12 zaps it in the roots of the slot's own address
+            // space (`kvm_tdp_mmu_unmap_gfn_range` walks `range->slot->as_id`'s roots): an SMM
             // slot leaves the normal root — the one the IOMMU walks — alone. QEMU registers
             // RAM in both spaces, so SMM slots come and go with SMRAM and PAM changes while
-            // the normal slots over the same addresses stay.
+            // the normal slots over the same addresses stay. (A fast zap, as the exported
+            // root's design keeps, empties every root whichever space the slot was in.)
             if let Some(smm) = self.smm_root {
                 self.cpu.zap(smm, slot.gfn(), slot.frames(), true)?;
             }
