@@ -567,12 +567,14 @@ impl Scenario {
     /// A scenario replaying what a trace recorded for VM `vm` (default: the first VM seen):
     /// memslot changes, vCPU page faults as touches, DMA mappings and IO page faults as DMA,
     /// sharing requests and stops. Sharing starts at the beginning when the trace never asked.
-    /// Changes to slots the trace never saw added (made before recording began) are left out:
-    /// they cannot be replayed.
+    /// Sharing the scenario started itself also stops at the end, as when the VMM exits and its
+    /// VM is destroyed. Changes to slots the trace never saw added (made before recording
+    /// began) are left out: they cannot be replayed.
     pub fn from_events(name: &str, vm: Option<VmId>, events: &[Event]) -> Self {
         let vm = vm.or_else(|| events.first().map(|e| e.vm));
         let mut timeline = Vec::new();
         let mut share_asked = false;
+        let mut share_stopped = false;
         let mut slots = BTreeSet::new();
         for e in events.iter().filter(|e| Some(e.vm) == vm) {
             let at_us = e.ts_ns / 1000;
@@ -633,7 +635,10 @@ impl Scenario {
                     share_asked = true;
                     Action::ShareStart
                 }
-                EventKind::SharingStopped { .. } => Action::ShareStop,
+                EventKind::SharingStopped { .. } => {
+                    share_stopped = true;
+                    Action::ShareStop
+                }
                 EventKind::SmmTransition { enter } => Action::Smm {
                     vcpu,
                     enter: *enter,
@@ -647,6 +652,8 @@ impl Scenario {
             };
             timeline.push(Step { at_us, action });
         }
+        // Traces from several sources may interleave: keep the timeline ordered.
+        timeline.sort_by_key(|s| s.at_us);
         if !share_asked {
             timeline.insert(
                 0,
@@ -655,9 +662,14 @@ impl Scenario {
                     action: Action::ShareStart,
                 },
             );
+            if !share_stopped {
+                let at_us = timeline.last().map_or(0, |s| s.at_us);
+                timeline.push(Step {
+                    at_us,
+                    action: Action::ShareStop,
+                });
+            }
         }
-        // Traces from several sources may interleave: keep the timeline ordered.
-        timeline.sort_by_key(|s| s.at_us);
         let mut vm_spec = VmSpec::default();
         // A recorded vCPU id the default VM lacks gets its vCPUs.
         if let Some(max) = timeline
@@ -874,9 +886,11 @@ size = 0x1000
             .collect();
         assert_eq!(
             kinds.len(),
-            5,
-            "share start + 4 steps of VM 42 only: {kinds:?}"
+            6,
+            "share start, 4 steps of VM 42 only, share stop: {kinds:?}"
         );
+        // The VMM's exit ends the sharing the scenario started: no pins outlive the VM.
+        assert_eq!(kinds[5], "4:share_stop");
         assert_eq!(s.timeline[0].action, Action::ShareStart);
         assert!(matches!(
             s.timeline[1].action,
@@ -945,6 +959,7 @@ size = 0x1000
                     cr: 4,
                     value: None
                 },
+                Action::ShareStop,
             ]
         );
         assert_eq!(s.vm.vcpus, 4, "vCPU 3 was seen");
