@@ -26,8 +26,14 @@ typedef __u32 __wsum;
 typedef _Bool bool;
 
 enum bpf_map_type {
+	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_RINGBUF = 27,
+};
+
+/* bpf_map_update_elem()'s flags */
+enum {
+	BPF_ANY = 0,
 };
 
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
@@ -44,6 +50,18 @@ struct kvm_mmu_page {
 	u64 gfn;
 	u64 *spt;
 	u64 *ptep;
+};
+
+/* arch/x86/include/asm/kvm_host.h */
+struct kvm_vcpu_arch {
+	unsigned long cr0;
+	unsigned long cr4;
+};
+
+/* include/linux/kvm_host.h */
+struct kvm_vcpu {
+	int vcpu_id;
+	struct kvm_vcpu_arch arch;
 };
 
 #pragma clang attribute pop

@@ -1,7 +1,9 @@
-//! The CO-RE probe (`probes/core/mmu_page.bpf.c`, C, loaded with libbpf-rs): every shadow page
+//! The CO-RE probes (`probes/core/mmu_page.bpf.c`, C, loaded with libbpf-rs): every shadow page
 //! KVM allocates, read from `struct kvm_mmu_page` itself: its table's host-physical address
-//! and, for the TDP MMU, whether it is a root (it has no parent entry). The tracepoint record
-//! has neither, so without this probe roots are inferred from levels and numbered.
+//! and, for the TDP MMU, whether it is a root (it has no parent entry) — the tracepoint record
+//! has neither, so without this probe roots are inferred from levels and numbered; and the
+//! CR0/CR4 each vCPU enters the guest with, from `struct kvm_vcpu`, whenever they change —
+//! `kvm_cr` does not fire for every write KVM emulates, and `kvm_exit` has no value.
 //!
 //! `tp_btf` needs the kernel's BTF (`CONFIG_DEBUG_INFO_BTF`); libbpf relocates the program's
 //! field accesses against it, so one object runs on every kernel with these members.
@@ -19,12 +21,15 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mm
 /// Why the object is empty, if it is.
 const MISSING: &str = env!("TDPSHARE_CORE_MISSING");
 
-/// The loaded and attached program with its ring buffer.
+/// The object's programs (probes/common's `core_programs`), attached all or none.
+const PROGRAMS: [&str; 2] = ["mmu_get_page", "kvm_entry_cr"];
+
+/// The loaded and attached programs with their ring buffer.
 pub struct CoreProbe {
     ring: RingBuffer<'static>,
     records: Arc<Mutex<Vec<Record>>>,
-    // Dropped after the ring: the link detaches, then the object closes its maps.
-    _link: Link,
+    // Dropped after the ring: the links detach, then the object closes its maps.
+    _links: Vec<Link>,
     object: Object,
 }
 
@@ -72,12 +77,16 @@ impl CoreProbe {
             }
         }
         let object = open.load().map_err(|e| state_of(&e, privilege))?;
-        let link = object
-            .progs_mut()
-            .find(|p| p.name() == "mmu_get_page")
-            .ok_or_else(|| ProbeState::Failed("no program mmu_get_page in the object".into()))?
-            .attach()
-            .map_err(|e| state_of(&e, privilege))?;
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let link = object
+                .progs_mut()
+                .find(|p| p.name() == name)
+                .ok_or_else(|| ProbeState::Failed(format!("no program {name} in the object")))?
+                .attach()
+                .map_err(|e| state_of(&e, privilege))?;
+            links.push(link);
+        }
         let records = Arc::new(Mutex::new(Vec::new()));
         let sink = records.clone();
         let ring = {
@@ -99,7 +108,7 @@ impl CoreProbe {
         Ok(CoreProbe {
             ring,
             records,
-            _link: link,
+            _links: links,
             object,
         })
     }

@@ -66,6 +66,9 @@ pub struct Decoder {
     /// The CO-RE probe is attached: it reports roots (with their addresses), so the
     /// tracepoint's records of the same allocations yield nothing.
     pub core_roots: bool,
+    /// The CO-RE entry probe is attached: it reports CR0/CR4 values as vCPUs enter with them,
+    /// so CR-write exits yield nothing.
+    pub core_cr_values: bool,
     /// Per thread: the mappings `tdpshare:prepopulate` reported since its last
     /// `KVM_PRE_FAULT_MEMORY` returned (entries, largest page), folded into that ioctl's one
     /// event when it returns.
@@ -97,6 +100,7 @@ impl Decoder {
             undecodable: 0,
             uneventful: 0,
             core_roots: false,
+            core_cr_values: false,
             prefault_maps: HashMap::new(),
             pending_flush: HashMap::new(),
         }
@@ -384,9 +388,28 @@ impl Decoder {
                 let cr = is_cr_write_exit(f("isa")?, f("exit_reason")?, f("info1")?);
                 self.vcpu_of_thread.insert(r.tid, vcpu);
                 match cr {
+                    // The CO-RE entry probe reports the values the write left: the exit
+                    // alone says less.
+                    Some(_) if self.core_cr_values => Ok(vec![]),
                     Some(cr) => Ok(vec![(EventKind::CrWrite { cr, value: None }, Some(vcpu))]),
                     None => Ok(vec![]),
                 }
+            }
+            ProbeId::KvmEntryCore => {
+                // probes/core/mmu_page.bpf.c: CR0, CR4, vcpu_id, which of the two changed.
+                let d = &r.data;
+                let (cr0, cr4) = (le_u64(d, 0), le_u64(d, 8));
+                let vcpu = le_u32(d, 16) as u32;
+                let changed = d[20];
+                self.vcpu_of_thread.insert(r.tid, vcpu);
+                let mut out = Vec::new();
+                for (bit, cr, value) in [(1, 0, cr0), (2, 4, cr4)] {
+                    if changed & bit != 0 {
+                        let value = Some(value);
+                        out.push((EventKind::CrWrite { cr, value }, Some(vcpu)));
+                    }
+                }
+                Ok(out)
             }
             ProbeId::IommuMap => one(EventKind::IommuMap {
                 iova: Iova(f("iova")?),
@@ -690,6 +713,64 @@ mod tests {
         assert!(d.decode(&cr_write(3, 0x1000)).is_empty());
         assert!(d.decode(&svm_exit(0x78)).is_empty());
         assert!(d.flush_pending(u64::MAX).is_empty(), "HLT held nothing");
+    }
+
+    #[test]
+    fn the_entry_probe_gives_cr_values_and_silences_the_exits() {
+        let entry = |cr0: u64, cr4: u64, changed: u8| {
+            record(
+                ProbeId::KvmEntryCore,
+                &[
+                    (0, &cr0.to_le_bytes()),
+                    (8, &cr4.to_le_bytes()),
+                    (16, &1u32.to_le_bytes()),
+                    (20, &[changed]),
+                ],
+            )
+        };
+        let mut d = decoder();
+        d.core_cr_values = true;
+        // A vCPU's first entry reports both registers.
+        let ev = d.decode(&entry(0x6000_0010, 0, 3));
+        let kinds: Vec<_> = ev.iter().map(|e| (e.kind.clone(), e.vcpu)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    EventKind::CrWrite {
+                        cr: 0,
+                        value: Some(0x6000_0010)
+                    },
+                    Some(1)
+                ),
+                (
+                    EventKind::CrWrite {
+                        cr: 4,
+                        value: Some(0)
+                    },
+                    Some(1)
+                ),
+            ]
+        );
+        // A CR0 write exit says nothing now, held or flushed: the entry after it does.
+        assert!(d.decode(&svm_exit(0x65)).is_empty());
+        assert!(d.flush_pending(u64::MAX).is_empty());
+        let ev = d.decode(&entry(0x8005_0033, 0, 1));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            ev[0].kind,
+            EventKind::CrWrite {
+                cr: 0,
+                value: Some(0x8005_0033)
+            }
+        );
+        // Without the entry probe the exit still stands (value unknown).
+        let mut d = decoder();
+        assert!(d.decode(&svm_exit(0x65)).is_empty());
+        assert_eq!(
+            d.flush_pending(u64::MAX)[0].kind,
+            EventKind::CrWrite { cr: 0, value: None }
+        );
     }
 
     /// A record of `probe` whose raw data has `fields` (offset, bytes) set.

@@ -275,6 +275,7 @@ impl Session {
                 Ok(core) => {
                     session.core = Some(core);
                     session.decoder.core_roots = true;
+                    session.decoder.core_cr_values = true;
                     ProbeState::Attached
                 }
                 Err(state) => state,

@@ -99,6 +99,10 @@ macro_rules! with_probes {
                 // known by having no parent entry and carries its table's physical address.
                 KvmMmuPageCore = 27, mmu_get_page, "kvmmmu", "kvm_mmu_get_page", RootUpdate,
                     Stock, "root_alloc with the root table's host-physical address (CO-RE)";
+                // tp_btf on kvm_entry: the CR0/CR4 a vCPU runs with, read from struct kvm_vcpu
+                // when they changed — the values kvm_exit cannot give where kvm_cr is silent.
+                KvmEntryCore = 28, kvm_entry_cr, "kvm", "kvm_entry", RootUpdate, Stock,
+                    "cr_write with the value (CR0/CR4 a vCPU enters with, when changed; CO-RE)";
             }
         }
     };
