@@ -150,8 +150,12 @@ pub struct Boot {
     pub config: Config,
     /// L1 memory in MiB.
     pub mem_mib: u64,
+    /// L1 vCPUs.
+    pub smp: u32,
     /// The VT-d in scalable mode (else legacy).
     pub scalable: bool,
+    /// A disk image the L1 sees as /dev/vda (read-only: the L1 mounts it, never writes it).
+    pub disk: Option<PathBuf>,
     pub timeout: Duration,
     /// The shell command to run.
     pub command: String,
@@ -223,7 +227,8 @@ pub fn boot_with(
     let mut qemu = Command::new("qemu-system-x86_64");
     // -cpu max under TCG: AMD SVM with NPT; aw-bits=48 (7.2's default is 39) and no5lvl in
     // the L1 (its VT-d cannot walk 5-level tables); edu's DMA mask widened to 48 bits.
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+    qemu.args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &boot.smp.to_string()])
         .args(["-m", &format!("{}M", boot.mem_mib)])
         .args(["-machine", "q35,kernel-irqchip=split"])
         .args(["-device", &iommu])
@@ -237,8 +242,14 @@ pub fn boot_with(
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", &append])
-        .stdin(Stdio::null())
+        .args(["-append", &append]);
+    if let Some(disk) = &boot.disk {
+        qemu.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            disk.display()
+        ));
+    }
+    qemu.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     println!("+ {qemu:?}");
@@ -370,7 +381,9 @@ pub fn test(mem_mib: u64, timeout: Duration) -> anyhow::Result<()> {
         let spec = Boot {
             config,
             mem_mib,
+            smp: 1,
             scalable,
+            disk: None,
             timeout,
             command: lab_command(scalable),
             name: name.to_string(),

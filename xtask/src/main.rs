@@ -18,6 +18,7 @@ use anyhow::{Context, bail, ensure};
 mod checks;
 mod kernel;
 mod lab;
+mod recordboot;
 mod selftests;
 use clap::{Parser, Subcommand};
 
@@ -98,6 +99,37 @@ enum LabTask {
         /// Seconds each L1 may take.
         #[arg(long, default_value_t = 900)]
         timeout: u64,
+    },
+    /// A real Linux boot recorded under nested KVM: Debian's QEMU with -enable-kvm in the L1
+    /// boots SeaBIOS alone, then a Debian kernel, while the probes record memslots, roots,
+    /// fast zaps, SMM transitions and CR writes.
+    RecordBoot {
+        /// L2 memory (QEMU syntax); the L1 gets 2 GiB more.
+        #[arg(long, default_value = "8G", value_parser = parse_mem)]
+        mem: u64,
+        /// The L2's machine type.
+        #[arg(long, value_enum, default_value = "q35")]
+        machine: recordboot::Machine,
+        /// No VGA in the L2 (default: QEMU's std VGA, as without -nodefaults).
+        #[arg(long)]
+        no_vga: bool,
+        /// No SMM in the L2's chipset (`smm=off`).
+        #[arg(long)]
+        no_smm: bool,
+        /// L2 vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// No device passed through (default: the L1's edu, with vfio-pci, as a VM that
+        /// shares its table has one).
+        #[arg(long)]
+        no_device: bool,
+        /// Seconds the whole L1 run may take.
+        #[arg(long, default_value_t = 2400)]
+        timeout: u64,
+        /// Save the recording as fixtures/{qemu-memslots,traces}/linux-boot-NAME.* and
+        /// kmod/scenarios/linux-boot-NAME.toml.
+        #[arg(long, value_name = "NAME")]
+        save: Option<String>,
     },
 }
 
@@ -286,7 +318,7 @@ fn setup_apt() -> anyhow::Result<()> {
 }
 
 /// Installs the Debian packages of `packages` that are missing.
-fn ensure_apt(packages: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ensure_apt(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -471,7 +503,9 @@ fn main() -> anyhow::Result<()> {
                     kernel::Config::Lab
                 },
                 mem_mib: mem,
+                smp: 1,
                 scalable,
+                disk: None,
                 timeout: std::time::Duration::from_secs(timeout),
                 command: cmd.join(" "),
                 name: if stock { "run-stock" } else { "run" }.into(),
@@ -489,6 +523,25 @@ fn main() -> anyhow::Result<()> {
                 };
                 selftests::selftests(&configs, mem, std::time::Duration::from_secs(timeout))
             }
+            LabTask::RecordBoot {
+                mem,
+                machine,
+                no_vga,
+                no_smm,
+                vcpus,
+                no_device,
+                timeout,
+                save,
+            } => recordboot::record_boot(&recordboot::Options {
+                mem_mib: mem,
+                machine,
+                vga: !no_vga,
+                smm: !no_smm,
+                vcpus,
+                device: !no_device,
+                timeout: std::time::Duration::from_secs(timeout),
+                save,
+            }),
             LabTask::Test { mem, timeout } => {
                 lab::test(mem, std::time::Duration::from_secs(timeout))
             }

@@ -8,6 +8,7 @@
 //! pre-faulted), then the firmware runs and changes memslots, then the guest kernel boots and
 //! touches its memory.
 
+pub mod boot;
 pub mod device;
 pub mod iommu;
 pub mod memory;
@@ -524,7 +525,12 @@ pub fn test(opts: &Options) -> anyhow::Result<bool> {
     let trace_path = opts.out.join("trace.jsonl");
     let recorder = match &opts.recorder {
         Some(program) => {
-            let r = recorder::Recorder::start(program, &trace_path, Duration::from_secs(300))?;
+            let r = recorder::Recorder::start(
+                program,
+                &trace_path,
+                Some(std::process::id()),
+                Duration::from_secs(300),
+            )?;
             report.note(format!("probes: {}", r.attached));
             Some(r)
         }

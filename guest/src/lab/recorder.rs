@@ -23,16 +23,21 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts `program record -o output --pid <this process>` and waits (up to `timeout`:
+    /// Starts `program record -o output [--pid pid]` and waits (up to `timeout`:
     /// loading eBPF under TCG takes seconds) until it reports what attached. Its status table
     /// is echoed with a `probe: ` prefix.
-    pub fn start(program: &Path, output: &Path, timeout: Duration) -> anyhow::Result<Recorder> {
-        let mut child = Command::new(program)
-            .arg("record")
-            .arg("-o")
-            .arg(output)
-            .arg("--pid")
-            .arg(std::process::id().to_string())
+    pub fn start(
+        program: &Path,
+        output: &Path,
+        pid: Option<u32>,
+        timeout: Duration,
+    ) -> anyhow::Result<Recorder> {
+        let mut command = Command::new(program);
+        command.arg("record").arg("-o").arg(output);
+        if let Some(pid) = pid {
+            command.arg("--pid").arg(pid.to_string());
+        }
+        let mut child = command
             // Pre-population writes ~300 000 records in a few seconds; a recorder writing
             // JSON under nested TCG drains far slower, so the burst must fit.
             .args(["--ring-mib", "64"])
