@@ -614,7 +614,16 @@ fn every_shipped_scenario_runs_in_every_mode() {
         names.push(s.name);
     }
     names.sort();
-    assert_eq!(names, ["amd-npt", "boot-8g", "migration", "refused"]);
+    assert_eq!(
+        names,
+        [
+            "amd-npt",
+            "boot-8g",
+            "linux-boot-q35-8g",
+            "migration",
+            "refused"
+        ]
+    );
 }
 
 #[test]
@@ -899,4 +908,68 @@ fn an_smm_slot_deletion_leaves_the_normal_address_space_mapped() {
             assert_eq!(vm.engine.pinner().pinned_pages(), 1 << 18, "{mode}");
         });
     }
+}
+
+fn manifest(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[test]
+fn the_recorded_linux_boot_scenario_is_its_fixture() {
+    // kmod/scenarios/linux-boot-q35-8g.toml is `tdpshare-analyze scenario` of the probes'
+    // recording (`cargo xtask lab record-boot --save q35-8g`): step for step.
+    let scenario = Scenario::load(&manifest("scenarios/linux-boot-q35-8g.toml")).unwrap();
+    let fixture = Scenario::load(&manifest(
+        "../fixtures/traces/linux-boot-q35-8g.linux.jsonl",
+    ))
+    .unwrap();
+    assert_eq!(scenario.timeline, fixture.timeline);
+    assert_eq!(scenario.vm.vcpus, 2);
+    let count = |what: &str| {
+        scenario
+            .timeline
+            .iter()
+            .filter(|s| s.action.name() == what)
+            .count()
+    };
+    // The L2's 61 memslot deletions (14 of them the passed-through device's BAR), its
+    // SeaBIOS SMM round trips, and the CR0/CR4 values its vCPUs entered with.
+    assert_eq!(count("memslot_delete"), 61);
+    assert_eq!(count("smm"), 6);
+    assert!(scenario.timeline.iter().all(|s| match s.action {
+        Action::Cr { value, .. } => value.is_some(),
+        _ => true,
+    }));
+}
+
+#[test]
+fn the_2021_design_on_the_recorded_linux_boot() {
+    // The figures docs/performance.md puts next to the seed's 132: a full pre-population
+    // after every root update — on 6.12 one per memslot deletion (each a fast zap), on the
+    // pre-6.4 lifecycle also after each MMU-context reset of the last vCPU holding the root.
+    let s = Scenario::load(&manifest("scenarios/linux-boot-q35-8g.toml")).unwrap();
+    let opts = RunOptions {
+        verify_dma: true,
+        ..RunOptions::default()
+    };
+    let mut full = Vec::new();
+    for kernel in [KvmKernel::V6_12, KvmKernel::Pre6_4] {
+        let mut s = s.clone();
+        s.vm.kernel = kernel;
+        let r = run_mode(&s, ShareMode::PinPrepopulate, 1, opts).unwrap();
+        assert_eq!(r.device.verify_faults, 0, "{kernel:?}");
+        assert_eq!(r.pinned_pages_end, 0, "{kernel:?}");
+        let st = &r.stats;
+        full.push((
+            st.full_prepopulations,
+            st.prepopulations - st.full_prepopulations,
+        ));
+        // Ours holds its root through all of it: one pre-population at most, no root update.
+        if kernel == KvmKernel::V6_12 {
+            let ours = run_mode(&s, ShareMode::Optimized, 1, opts).unwrap();
+            assert_eq!(ours.totals.iommu_root_updates, 0);
+            assert_eq!(ours.device.verify_faults, 0);
+        }
+    }
+    assert_eq!(full, [(61, 42), (64, 42)]);
 }
