@@ -4,9 +4,9 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tdpshare::event::Source;
+use tdpshare::event::{EventKind, Source};
 use tdpshare::sim::Scenario;
 use tdpshare::{Header, TraceFile, TraceReader};
 use tdpshare_analysis::qemu_memslots;
@@ -45,6 +45,21 @@ enum Command {
         #[arg(long, default_value = "replay")]
         name: String,
         /// Replay this VM (default: the first VM in the trace).
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Copy the events of the named types (and VM) into a new trace, header kept: e.g. a
+    /// boot's memslot and root history without its hundred thousand SPTE changes.
+    Filter {
+        /// The trace to read (tdpshare format).
+        input: PathBuf,
+        /// The trace to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// An event type to keep (its name in trace files, e.g. `memslot_add`); repeat it.
+        #[arg(long = "type", required = true, value_name = "TYPE")]
+        types: Vec<String>,
+        /// Keep only this VM's events.
         #[arg(long)]
         vm: Option<u64>,
     },
@@ -89,6 +104,38 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("reading {}", trace.display()))?;
             print!("{}", Scenario::from_events(&name, vm, &events).to_toml());
+        }
+        Command::Filter {
+            input,
+            output,
+            types,
+            vm,
+        } => {
+            for t in &types {
+                if !EventKind::NAMES.contains(&t.as_str()) {
+                    bail!(
+                        "unknown event type `{t}` (known: {})",
+                        EventKind::NAMES.join(", ")
+                    );
+                }
+            }
+            let reader = TraceReader::open(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let mut trace = TraceFile::create(&output, reader.header())
+                .with_context(|| format!("creating {}", output.display()))?;
+            let mut read = 0u64;
+            for event in reader {
+                let event = event.with_context(|| format!("reading {}", input.display()))?;
+                read += 1;
+                if types.iter().any(|t| t == event.kind.name()) && vm.is_none_or(|v| v == event.vm)
+                {
+                    trace.write(&event)?;
+                }
+            }
+            let kept = trace
+                .finish()
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("{kept} of {read} events kept -> {}", output.display());
         }
     }
     Ok(())

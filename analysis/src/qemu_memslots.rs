@@ -233,6 +233,41 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_linux_boot_is_the_same_seen_from_qemu_and_from_the_kernel() {
+        // `cargo xtask lab record-boot --save q35-8g` kept both views of each phase: QEMU's
+        // own memslot trace and the probes' history (the ioctls as the L1 kernel saw them).
+        // The calls must agree one for one — slot, address space, address, size, flags.
+        let key = |e: &Event| match e.kind {
+            EventKind::MemslotAdd(s) => Some(("add", s.slot, s.as_id, s.gpa, s.size, s.flags)),
+            EventKind::MemslotDelete(s) => {
+                Some(("delete", s.slot, s.as_id, s.gpa, s.size, s.flags))
+            }
+            EventKind::MemslotMove { slot: s, .. } => {
+                Some(("move", s.slot, s.as_id, s.gpa, s.size, s.flags))
+            }
+            EventKind::MemslotFlags { slot: s, .. } => {
+                Some(("flags", s.slot, s.as_id, s.gpa, s.size, s.flags))
+            }
+            _ => None,
+        };
+        for phase in ["seabios", "linux"] {
+            let name = format!("linux-boot-q35-8g.{phase}");
+            let (qemu, summary) = import(fixture(&format!("{name}.trace")), 1, 1_000_000).unwrap();
+            assert_eq!(summary.failed_calls, 0, "{name}");
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../fixtures/traces/{name}.jsonl"));
+            let kernel: Vec<Event> = tdpshare::TraceReader::open(path)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let from_qemu: Vec<_> = qemu.iter().filter_map(key).collect();
+            let from_kernel: Vec<_> = kernel.iter().filter_map(key).collect();
+            assert!(from_qemu.len() > 50, "{name}: {} calls", from_qemu.len());
+            assert_eq!(from_qemu, from_kernel, "{name}");
+        }
+    }
+
+    #[test]
     fn q35_with_intel_iommu_imports() {
         let (events, s) = import(fixture("seabios-q35-intel-iommu.trace"), 1, 1000).unwrap();
         assert_eq!(s.calls, 39);
