@@ -351,7 +351,7 @@ pub fn run_command(boot_spec: &Boot) -> anyhow::Result<()> {
 }
 
 /// The lab VMM's command line in the L1, results in the share.
-fn lab_command(scalable: bool) -> String {
+pub(crate) fn lab_command(scalable: bool) -> String {
     format!(
         "/bin/tdpshare-lab test --memslots {TEST_MEMSLOTS} --out /lab \
          --recorder /bin/tdpshare-probe{}",

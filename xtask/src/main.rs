@@ -15,6 +15,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 
+mod bench;
 mod checks;
 mod kernel;
 mod lab;
@@ -49,6 +50,13 @@ enum Task {
     Lab {
         #[command(subcommand)]
         action: LabTask,
+    },
+    /// Boot-time runs (live, lab when built, replay) and the report in target/bench/<time>/,
+    /// checked in headless Chromium (docs/bench.md).
+    Bench {
+        /// One memory size, one run per case: a few minutes, for CI and demos.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -227,7 +235,7 @@ const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 /// Debian packages: LLVM 22 for bpf-linker, QEMU for the live probe tests and the lab, tmux
 /// for sharetop's terminal smoke test; clang, libelf and zlib for the CO-RE probe (clang
 /// compiles it, libbpf-sys builds libbpf against the other two).
-const APT_PACKAGES: [&str; 7] = [
+const APT_PACKAGES: [&str; 8] = [
     "llvm-22-dev",
     "qemu-system-x86",
     "tmux",
@@ -235,6 +243,8 @@ const APT_PACKAGES: [&str; 7] = [
     "libelf-dev",
     "zlib1g-dev",
     "pkg-config",
+    // `cargo xtask bench` checks its HTML report renders in headless Chromium.
+    "chromium",
 ];
 
 fn has_command(cmd: &str, arg: &str) -> bool {
@@ -546,6 +556,7 @@ fn main() -> anyhow::Result<()> {
                 lab::test(mem, std::time::Duration::from_secs(timeout))
             }
         },
+        Task::Bench { quick } => bench::bench(quick),
         Task::Patches { action } => match action {
             PatchTask::Check => kernel::patches_check(),
             PatchTask::Apply => kernel::patches_apply(),

@@ -195,8 +195,8 @@ fn rootfs() -> anyhow::Result<(PathBuf, String)> {
 }
 
 /// Debian's kernel for the L2 (`/boot/vmlinuz-*` of `linux-image-amd64`'s current
-/// dependency), and its package and version.
-fn l2_kernel() -> anyhow::Result<(PathBuf, String)> {
+/// dependency), and its package and version; `cargo xtask bench` boots it too.
+pub(crate) fn l2_kernel() -> anyhow::Result<(PathBuf, String)> {
     let kernel = dir().join("l2/vmlinuz");
     let version_path = dir().join("l2/kernel.version");
     if kernel.exists() && version_path.exists() {
