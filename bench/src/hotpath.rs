@@ -70,6 +70,38 @@ pub fn trace_rates(events: usize, runs: usize) -> anyhow::Result<Case> {
     })
 }
 
+/// The probes' decoder, timed by `tdpshare-probe bench-decode` (on this kernel's record
+/// layout, no probe attached): records per second over `runs` runs.
+pub fn decode_rate(recorder: &std::path::Path, records: u64, runs: usize) -> anyhow::Result<Case> {
+    let mut rates = Vec::new();
+    for _ in 0..runs.max(1) {
+        let out = std::process::Command::new(recorder)
+            .args(["bench-decode", "--records", &records.to_string()])
+            .output()
+            .with_context(|| format!("running {} bench-decode", recorder.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "{} bench-decode failed: {}",
+            recorder.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let rate = text
+            .rsplit_once(": ")
+            .and_then(|(_, r)| r.trim().strip_suffix(" records/s"))
+            .and_then(|r| r.parse::<f64>().ok())
+            .with_context(|| format!("no rate in {text:?}"))?;
+        rates.push(rate);
+    }
+    Ok(Case {
+        id: "hotpath/decode".into(),
+        label: format!("probe decoder, {records} SPTE-change records"),
+        metrics: Metric::of("decode rate", "records/s", "measured", &rates)
+            .into_iter()
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -247,7 +247,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         reached = 2;
         replay_tier(&args, &plan, &mut t[2])?;
         reached = 3;
-        hotpath_tier(&plan, &mut t[3])?;
+        hotpath_tier(&args, &plan, &mut t[3])?;
         reached = 4;
         Ok(())
     })();
@@ -322,8 +322,9 @@ const LAB_ABOUT: &str = "The lab (`cargo xtask lab`): a TCG L1 running the serie
 const REPLAY_ABOUT: &str = "The kmod simulator on boot scenarios recorded by the live tier and \
     the lab: the real page-table code on real table memory (pre-population time measured), \
     pinning and IOTLB costs modelled, in every mode, KVM 6.12's root lifecycle.";
-const HOTPATH_ABOUT: &str = "The project's own hot paths, in this process: the trace format's \
-    write and read rates. The TDP population rate is the replay tier's \"population rate\"; \
+const HOTPATH_ABOUT: &str = "The project's own hot paths: the trace format's write and read \
+    rates (in this process), the probes' decoder (`tdpshare-probe bench-decode`, on this \
+    kernel's record layout). The TDP population rate is the replay tier's \"population rate\"; \
     `cargo bench -p tdpshare --features std --bench populate` measures it alone \
     (docs/performance.md).";
 
@@ -385,6 +386,13 @@ fn live_tier(
                 }
             };
         let accel = if accel_kvm { "kvm" } else { "tcg" };
+        if !accel_kvm {
+            tier.skipped.push(
+                "probe counts of the Linux boots: under TCG no KVM runs, so the probes see \
+                 nothing; the counts come from SeaBIOS under KVM (below) and from the lab"
+                    .into(),
+            );
+        }
         let cases = plan.sizes.len() * plan.thp.len() * plan.configs.len();
         let bar = progress((cases * plan.runs) as u64, "Linux boots");
         for &t in &plan.thp {
@@ -590,13 +598,17 @@ fn replay_tier(args: &RunArgs, plan: &Plan, tier: &mut Tier) -> anyhow::Result<(
     Ok(())
 }
 
-fn hotpath_tier(plan: &Plan, tier: &mut Tier) -> anyhow::Result<()> {
+fn hotpath_tier(args: &RunArgs, plan: &Plan, tier: &mut Tier) -> anyhow::Result<()> {
     tier.cases
         .push(hotpath::trace_rates(200_000, plan.runs.max(3))?);
-    tier.skipped.push(
-        "probe record decode rate: not measured here (the decoder lives in the probes crate, \
-         built with the eBPF toolchain)"
-            .into(),
-    );
+    match &args.recorder {
+        Some(recorder) => match hotpath::decode_rate(recorder, 1_000_000, plan.runs.max(3)) {
+            Ok(case) => tier.cases.push(case),
+            Err(e) => tier.skipped.push(format!("probe decode rate: {e:#}")),
+        },
+        None => tier
+            .skipped
+            .push("probe decode rate: no recorder given (--recorder)".into()),
+    }
     Ok(())
 }

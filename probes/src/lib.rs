@@ -12,5 +12,6 @@ pub mod catalog;
 pub mod core;
 pub mod decode;
 pub mod loader;
+pub mod rate;
 pub mod record;
 pub mod tracefs;

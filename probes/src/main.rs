@@ -2,6 +2,7 @@
 //!
 //! - `status`: attach every probe and print what became of each.
 //! - `record -o FILE [--pid P] [--duration S]`: record events in the trace format.
+//! - `bench-decode [--records N]`: the decoder's rate on this kernel's record layout.
 
 use clap::{Parser, Subcommand};
 use tdpshare_probes::loader::{LoadOptions, Session, status_table};
@@ -20,6 +21,12 @@ enum Command {
     Status,
     /// Record events into a trace file (tdpshare trace format).
     Record(RecordArgs),
+    /// Time the decoder on N synthetic SPTE-change records laid out by this kernel's format
+    /// (no probe is attached); prints `decoded N records into M events in S s: R records/s`.
+    BenchDecode {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +44,16 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Record(args) => tdpshare_probes::record::run(&args)?,
+        Command::BenchDecode { records } => {
+            let r = tdpshare_probes::rate::decode_rate(records)?;
+            println!(
+                "decoded {} records into {} events in {:.3} s: {:.0} records/s",
+                r.records,
+                r.events,
+                r.secs,
+                r.records as f64 / r.secs
+            );
+        }
     }
     Ok(())
 }
