@@ -557,6 +557,15 @@ fn live_tier(
 
 fn lab_tier(args: &RunArgs, tier: &mut Tier) -> anyhow::Result<()> {
     tier.skipped.extend(args.lab_skipped.iter().cloned());
+    if !args.lab.is_empty() {
+        tier.skipped.push(
+            "the 2021 design's root updates in a real kernel: the series implements only the \
+             persistent root (KVM_TDP_SHARE_MODE_PINNED; the others answer EOPNOTSUPP) — the \
+             replay tier compares the designs; huge pages on/off: the lab VMM's L2 memory is \
+             4 KiB-backed (the lab kernels have no THP)"
+                .into(),
+        );
+    }
     if args.lab.is_empty() && tier.skipped.is_empty() {
         tier.skipped
             .push("no lab runs given (--lab NAME=DIR)".into());
