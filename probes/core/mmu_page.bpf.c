@@ -80,29 +80,41 @@ const volatile u32 target_tgid = 0;
 /* The direct map's base (randomized with CONFIG_RANDOMIZE_MEMORY). */
 extern const void page_offset_base __ksym __weak;
 
-SEC("tp_btf/kvm_mmu_get_page")
-int BPF_PROG(mmu_get_page, struct kvm_mmu_page *sp, bool created)
+/* A record for `probe` from the ring buffer, its header filled; NULL (counted) when full. */
+static __always_inline struct record *new_record(u32 probe, u64 id)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	u32 tgid = id >> 32, zero = 0;
-	u64 base = PAGE_OFFSET_BASE_L4, spt, *drops;
+	u32 zero = 0;
 	struct record *r;
+	u64 *drops;
 
-	if (target_tgid && tgid != target_tgid)
-		return 0;
 	r = bpf_ringbuf_reserve(&CORE_EVENTS, sizeof(*r), 0);
 	if (!r) {
 		drops = bpf_map_lookup_elem(&CORE_DROPS, &zero);
 		if (drops)
 			__sync_fetch_and_add(drops, 1);
-		return 0;
+		return NULL;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
-	r->probe = PROBE_ID;
-	r->tgid = tgid;
+	r->probe = probe;
+	r->tgid = id >> 32;
 	r->tid = (u32)id;
 	r->cpu = bpf_get_smp_processor_id();
 	r->ts_ns = bpf_ktime_get_ns();
+	return r;
+}
+
+SEC("tp_btf/kvm_mmu_get_page")
+int BPF_PROG(mmu_get_page, struct kvm_mmu_page *sp, bool created)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u64 base = PAGE_OFFSET_BASE_L4, spt;
+	struct record *r;
+
+	if (target_tgid && (u32)(id >> 32) != target_tgid)
+		return 0;
+	r = new_record(PROBE_ID, id);
+	if (!r)
+		return 0;
 
 	if (&page_offset_base)
 		bpf_probe_read_kernel(&base, sizeof(base), &page_offset_base);
@@ -122,13 +134,12 @@ int BPF_PROG(mmu_get_page, struct kvm_mmu_page *sp, bool created)
 SEC("tp_btf/kvm_entry")
 int BPF_PROG(kvm_entry_cr, struct kvm_vcpu *vcpu)
 {
-	u64 id = bpf_get_current_pid_tgid(), key = (u64)vcpu, *drops;
-	u32 tgid = id >> 32, zero = 0;
+	u64 id = bpf_get_current_pid_tgid(), key = (u64)vcpu;
 	struct cr_values now, *last;
 	struct record *r;
 	u8 changed;
 
-	if (target_tgid && tgid != target_tgid)
+	if (target_tgid && (u32)(id >> 32) != target_tgid)
 		return 0;
 	now.cr0 = BPF_CORE_READ(vcpu, arch.cr0);
 	now.cr4 = BPF_CORE_READ(vcpu, arch.cr4);
@@ -140,19 +151,9 @@ int BPF_PROG(kvm_entry_cr, struct kvm_vcpu *vcpu)
 	if (!changed)
 		return 0;
 	bpf_map_update_elem(&LAST_CR, &key, &now, BPF_ANY);
-	r = bpf_ringbuf_reserve(&CORE_EVENTS, sizeof(*r), 0);
-	if (!r) {
-		drops = bpf_map_lookup_elem(&CORE_DROPS, &zero);
-		if (drops)
-			__sync_fetch_and_add(drops, 1);
+	r = new_record(PROBE_ID_CR, id);
+	if (!r)
 		return 0;
-	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->probe = PROBE_ID_CR;
-	r->tgid = tgid;
-	r->tid = (u32)id;
-	r->cpu = bpf_get_smp_processor_id();
-	r->ts_ns = bpf_ktime_get_ns();
 	*(u64 *)&r->data[0] = now.cr0;
 	*(u64 *)&r->data[8] = now.cr4;
 	*(u32 *)&r->data[16] = BPF_CORE_READ(vcpu, vcpu_id);

@@ -24,28 +24,8 @@ const SCENARIOS: [&str; 2] = [
 const PLOT_COLOUR: [u8; 3] = [31, 119, 180];
 
 fn initramfs() -> anyhow::Result<PathBuf> {
-    let tree = cache_dir().join("bench/initramfs");
-    if tree.exists() {
-        std::fs::remove_dir_all(&tree)?;
-    }
-    for d in ["bin", "proc", "dev"] {
-        std::fs::create_dir_all(tree.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
-        .context("copying /bin/busybox (Debian's busybox-static)")?;
-    std::fs::write(
-        tree.join("init"),
-        format!(
-            "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"{MARKER} \
-             $(/bin/busybox cut -d' ' -f1 /proc/uptime) s\"\n/bin/busybox poweroff -f\n"
-        ),
-    )?;
-    run(Command::new("chmod").arg("755").arg(tree.join("init")))?;
     let image = cache_dir().join("bench/initramfs.cpio.gz");
-    run(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(
-        "find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {}",
-        image.display()
-    )))?;
+    recordboot::marker_initramfs(&cache_dir().join("bench/initramfs"), &image, MARKER)?;
     Ok(image)
 }
 

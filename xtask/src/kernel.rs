@@ -98,7 +98,7 @@ fn git(tree: &Path) -> Command {
 }
 
 /// Prints how long `what` took.
-fn timed<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub(crate) fn timed<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let start = Instant::now();
     let r = f();
     let secs = start.elapsed().as_secs();
@@ -730,15 +730,20 @@ fn initramfs() -> anyhow::Result<PathBuf> {
         /bin/tdpshare-kcheck\n\
         echo \"tdpshare-kcheck exit status $?\"\n\
         /bin/busybox poweroff -f\n";
-    let init_path = dir.join("init");
+    let image = cache_dir().join("initramfs.cpio.gz");
+    pack_initramfs(&dir, init, &image)?;
+    Ok(image)
+}
+
+/// Writes `init` (executable) into `tree` and packs the tree as a gzipped newc cpio at `image`.
+pub(crate) fn pack_initramfs(tree: &Path, init: &str, image: &Path) -> anyhow::Result<()> {
+    let init_path = tree.join("init");
     std::fs::write(&init_path, init)?;
     run(Command::new("chmod").arg("755").arg(&init_path))?;
-    let image = cache_dir().join("initramfs.cpio.gz");
-    run(Command::new("sh").current_dir(&dir).arg("-c").arg(format!(
+    run(Command::new("sh").current_dir(tree).arg("-c").arg(format!(
         "find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {}",
         image.display()
-    )))?;
-    Ok(image)
+    )))
 }
 
 /// How long a boot may take before it counts as hung (TCG is slow, the check is not).

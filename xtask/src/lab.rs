@@ -127,14 +127,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
         std::fs::copy(&from, dir.join("fixtures").join(name))
             .with_context(|| format!("copying {}", from.display()))?;
     }
-    let init = dir.join("init");
-    std::fs::write(&init, INIT)?;
-    run(Command::new("chmod").arg("755").arg(&init))?;
     let image = initramfs_path();
-    run(Command::new("sh").current_dir(&dir).arg("-c").arg(format!(
-        "find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {}",
-        image.display()
-    )))?;
+    kernel::pack_initramfs(&dir, INIT, &image)?;
     let size = std::fs::metadata(&image)?.len();
     println!(
         "built: {} ({:.1} MiB)",

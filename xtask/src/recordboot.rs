@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use clap::ValueEnum;
 
-use crate::kernel::{self, Config, cache_dir};
+use crate::kernel::{self, Config, cache_dir, timed};
 use crate::lab::{self, Boot};
 use crate::{ensure_apt, output, root, run};
 
@@ -149,14 +149,6 @@ fn dir() -> PathBuf {
     cache_dir().join("record-boot")
 }
 
-/// Runs `f`, printing how long it took.
-fn timed<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let start = Instant::now();
-    let value = f()?;
-    println!("{what} in {:.1} s", start.elapsed().as_secs_f64());
-    Ok(value)
-}
-
 /// The Debian root filesystem image (built once; rebuilt when the recipe changes), and the
 /// version of its QEMU.
 fn rootfs() -> anyhow::Result<(PathBuf, String)> {
@@ -255,31 +247,29 @@ pub(crate) fn l2_kernel() -> anyhow::Result<(PathBuf, String)> {
     Ok((kernel, version))
 }
 
-/// The L2's init: the marker, then power off.
-const L2_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox mount -t proc proc /proc
-echo "TDPSHARE-L2: up $(/bin/busybox cut -d' ' -f1 /proc/uptime) s"
-/bin/busybox poweroff -f
-"#;
-
-/// The L2's initramfs: busybox and [`L2_INIT`].
-fn l2_initramfs() -> anyhow::Result<PathBuf> {
-    let tree = dir().join("l2/initramfs");
+/// A busybox initramfs whose init prints `marker` (and the uptime) and powers off: the end of
+/// a boot that reached userspace. Built in `tree`, packed at `image`.
+pub(crate) fn marker_initramfs(tree: &Path, image: &Path, marker: &str) -> anyhow::Result<()> {
     if tree.exists() {
-        std::fs::remove_dir_all(&tree)?;
+        std::fs::remove_dir_all(tree)?;
     }
     for d in ["bin", "proc", "dev"] {
         std::fs::create_dir_all(tree.join(d))?;
     }
     std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
         .context("copying /bin/busybox (Debian's busybox-static)")?;
-    std::fs::write(tree.join("init"), L2_INIT)?;
-    run(Command::new("chmod").arg("755").arg(tree.join("init")))?;
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+         echo \"{marker} $(/bin/busybox cut -d' ' -f1 /proc/uptime) s\"\n\
+         /bin/busybox poweroff -f\n"
+    );
+    kernel::pack_initramfs(tree, &init, image)
+}
+
+/// The L2's initramfs: the marker, then power off.
+fn l2_initramfs() -> anyhow::Result<PathBuf> {
     let image = dir().join("l2/initramfs.cpio.gz");
-    run(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(
-        "find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {}",
-        image.display()
-    )))?;
+    marker_initramfs(&dir().join("l2/initramfs"), &image, L2_MARKER)?;
     Ok(image)
 }
 
