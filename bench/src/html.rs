@@ -144,6 +144,20 @@ pub fn markdown(r: &Results, figures: &[Figure]) -> String {
     for t in &r.tiers {
         tier_md(t, &mut out);
     }
+    if let Some(a) = &r.analysis {
+        let _ = writeln!(
+            out,
+            "## Analysis of the recorded traces\n\n`tdpshare-analyze report --only summary --only \
+             roots --only whatif` on {}.\n",
+            a.traces.join(", ")
+        );
+        match &a.markdown {
+            Ok(md) => out.push_str(md),
+            Err(e) => {
+                let _ = writeln!(out, "> **The analysis failed**: {e}\n");
+            }
+        }
+    }
     if !figures.is_empty() {
         let _ = writeln!(out, "## Plots\n\nIn `report.html`: {}.\n", {
             let t: Vec<_> = figures.iter().map(|f| f.title.as_str()).collect();
@@ -198,7 +212,9 @@ pub fn html(r: &Results, figures: &[Figure]) -> String {
             out.push_str("</table>\n");
             in_table = false;
         }
-        if let Some(h) = line.strip_prefix("## ") {
+        if let Some(h) = line.strip_prefix("### ") {
+            let _ = writeln!(out, "<h3>{}</h3>", escape(h));
+        } else if let Some(h) = line.strip_prefix("## ") {
             let _ = writeln!(out, "<h2>{}</h2>", escape(h));
         } else if let Some(h) = line.strip_prefix("# ") {
             let _ = writeln!(out, "<h1>{}</h1>", escape(h));
@@ -214,6 +230,8 @@ pub fn html(r: &Results, figures: &[Figure]) -> String {
                 "<p>• {}</p>",
                 escape(&item.replace("**", "").replace('`', ""))
             );
+        } else if let Some(b) = line.strip_prefix("**").and_then(|l| l.strip_suffix("**")) {
+            let _ = writeln!(out, "<p><b>{}</b></p>", escape(b));
         } else if !line.trim().is_empty() {
             let _ = writeln!(out, "<p>{}</p>", escape(&line.replace('`', "")));
         }

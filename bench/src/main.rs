@@ -55,6 +55,10 @@ struct RunArgs {
     /// The probes recorder (`tdpshare-probe`).
     #[arg(long)]
     recorder: Option<PathBuf>,
+    /// The analyzer (`tdpshare-analyze`): its report on the recorded traces goes into the
+    /// bench report.
+    #[arg(long)]
+    analyzer: Option<PathBuf>,
     /// A boot scenario to replay (repeat it).
     #[arg(long)]
     scenario: Vec<PathBuf>,
@@ -198,6 +202,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         complete: false,
         host: host(),
         tiers: Vec::new(),
+        analysis: None,
     };
     let boots = plan.sizes.len() * plan.thp.len() * plan.configs.len() * plan.runs;
     println!(
@@ -262,6 +267,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     results.complete = outcome.is_ok();
+    if let Some(analyzer) = &args.analyzer {
+        results.analysis = analyze(analyzer, &args.out);
+    }
     let figures = html::figures(&results)?;
     write_report(&args.out, &results, &figures)?;
     println!(
@@ -271,6 +279,57 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if results.complete { "" } else { ", PARTIAL" }
     );
     outcome
+}
+
+/// Every `trace.jsonl` under `dir`, sorted.
+fn traces_under(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            traces_under(&p, out);
+        } else if p.file_name().is_some_and(|n| n == "trace.jsonl") {
+            out.push(p);
+        }
+    }
+    out.sort();
+}
+
+/// `tdpshare-analyze report` (summary, root updates, what-if) on the traces the run recorded,
+/// as Markdown; `None` when it recorded none.
+fn analyze(analyzer: &std::path::Path, out: &std::path::Path) -> Option<results::Analysis> {
+    let mut traces = Vec::new();
+    traces_under(out, &mut traces);
+    if traces.is_empty() {
+        return None;
+    }
+    let rel = traces
+        .iter()
+        .map(|t| t.strip_prefix(out).unwrap_or(t).display().to_string())
+        .collect();
+    let run = std::process::Command::new(analyzer)
+        .arg("report")
+        .args(&traces)
+        .args([
+            "--format", "md", "--only", "summary", "--only", "roots", "--only", "whatif",
+        ])
+        .output();
+    let markdown = match run {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => Err(format!(
+            "{} failed ({}): {}",
+            analyzer.display(),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run {}: {e}", analyzer.display())),
+    };
+    Some(results::Analysis {
+        traces: rel,
+        markdown,
+    })
 }
 
 /// The report files, each written whole (a `.partial` renamed into place).

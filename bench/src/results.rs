@@ -61,6 +61,18 @@ pub struct Results {
     pub complete: bool,
     pub host: Host,
     pub tiers: Vec<Tier>,
+    /// `tdpshare-analyze report` on the traces the run recorded (absent in older results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+}
+
+/// The analysis of a run's recorded traces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// The traces, relative to the run's directory.
+    pub traces: Vec<String>,
+    /// The report as Markdown, or why there is none.
+    pub markdown: Result<String, String>,
 }
 
 /// Why a results file cannot be read.
@@ -203,6 +215,7 @@ mod tests {
             quick: true,
             complete: true,
             host: Host::default(),
+            analysis: None,
             tiers: vec![Tier {
                 name: "live".into(),
                 about: String::new(),

@@ -99,17 +99,19 @@ fn kind() -> impl Strategy<Value = EventKind> {
             page_size(),
             prepop_cause(),
             any::<u64>(),
+            proptest::option::of(any::<[u64; 3]>()),
             any::<u64>()
         )
-            .prop_map(
-                |(range, page_size, cause, entries, ns)| EventKind::PrepopulateEnd {
+            .prop_map(|(range, page_size, cause, entries, leaves, ns)| {
+                EventKind::PrepopulateEnd {
                     range,
                     page_size,
                     cause,
                     entries,
-                    ns
+                    leaves,
+                    ns,
                 }
-            ),
+            }),
         root().prop_map(EventKind::RootAlloc),
         root().prop_map(EventKind::RootSwitch),
         root().prop_map(EventKind::RootFree),
@@ -230,6 +232,7 @@ fn header() -> Header {
         kernel: "6.18.0".into(),
         tool_version: "test".into(),
         start_unix_ns: 0,
+        host: "lab".into(),
     }
 }
 

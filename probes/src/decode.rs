@@ -560,6 +560,7 @@ impl Decoder {
                     page_size,
                     cause: PrepopCause::PreFault,
                     entries,
+                    leaves: None,
                     ns: r.latency_ns,
                 })
             }
@@ -909,6 +910,7 @@ print fmt: \"%s\", __get_str(iommu)
                 page_size: PageSize::Size2M,
                 cause: PrepopCause::PreFault,
                 entries: 2,
+                leaves: None,
                 ns: 9000,
             }
         );

@@ -347,6 +347,7 @@ pub fn log_line(e: &Event, name: &str) -> String {
             cause,
             entries,
             ns,
+            ..
         } => format!(
             "{:#x}+{:#x} {page_size} {cause:?} entries={entries} {:.3}ms",
             range.start,

@@ -42,6 +42,7 @@ fn fixture_app() -> App {
                 page_size: PageSize::Size2M,
                 cause: PrepopCause::NewRoot,
                 entries: 4096 + i * 100,
+                leaves: None,
                 ns: 700_000 + i * 20_000,
             },
         ));

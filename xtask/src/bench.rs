@@ -92,6 +92,15 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         "-p",
         "tdpshare-probes",
     ]))?;
+    // The analyzer in the dev profile: the tests built it already (a release polars build would
+    // add minutes), and the recorded traces are small.
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "-p",
+        "tdpshare-analysis",
+        "--bin",
+        "tdpshare-analyze",
+    ]))?;
     let (kernel, version) = recordboot::l2_kernel()?;
     let initrd = initramfs()?;
     let stamp = output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?;
@@ -105,7 +114,9 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         .arg("--initrd")
         .arg(&initrd)
         .arg("--recorder")
-        .arg(root().join("target/release/tdpshare-probe"));
+        .arg(root().join("target/release/tdpshare-probe"))
+        .arg("--analyzer")
+        .arg(root().join("target/debug/tdpshare-analyze"));
     if quick {
         cmd.arg("--quick");
     }

@@ -235,7 +235,7 @@ const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 /// Debian packages: LLVM 22 for bpf-linker, QEMU for the live probe tests and the lab, tmux
 /// for sharetop's terminal smoke test; clang, libelf and zlib for the CO-RE probe (clang
 /// compiles it, libbpf-sys builds libbpf against the other two).
-const APT_PACKAGES: [&str; 8] = [
+const APT_PACKAGES: [&str; 9] = [
     "llvm-22-dev",
     "qemu-system-x86",
     "tmux",
@@ -245,7 +245,42 @@ const APT_PACKAGES: [&str; 8] = [
     "pkg-config",
     // `cargo xtask bench` checks its HTML report renders in headless Chromium.
     "chromium",
+    // The analysis tests read its Parquet export with DuckDB, from a venv (`setup_duckdb`).
+    "python3-venv",
 ];
+
+/// The DuckDB the analysis tests read the Parquet export with (Python package, pinned).
+const DUCKDB: &str = "duckdb==2.0.1";
+
+/// The Python of the cache's virtual environment with DuckDB installed (`$TDPSHARE_CACHE/venv`,
+/// never system-wide); created or completed when missing.
+pub(crate) fn setup_duckdb() -> anyhow::Result<PathBuf> {
+    let venv = kernel::cache_dir().join("venv");
+    let python = venv.join("bin/python");
+    let has = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import duckdb"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has(&python) {
+        println!("present: duckdb in {}", venv.display());
+        return Ok(python);
+    }
+    if !python.exists() {
+        println!("creating: Python venv {}", venv.display());
+        let system = if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        run(Command::new(system).args(["-m", "venv"]).arg(&venv))?;
+    }
+    println!("installing: {DUCKDB} into {}", venv.display());
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", DUCKDB]))?;
+    ensure!(has(&python), "{DUCKDB} installed but `import duckdb` fails");
+    Ok(python)
+}
 
 fn has_command(cmd: &str, arg: &str) -> bool {
     Command::new(cmd)
@@ -270,6 +305,7 @@ fn setup() -> anyhow::Result<()> {
     setup_ebpf_toolchain()?;
     setup_apt()?;
     setup_bpf_linker()?;
+    setup_duckdb()?;
     Ok(())
 }
 
@@ -434,8 +470,17 @@ impl Totals {
 
 /// Runs `cargo test ARGS`, echoing its output and adding its results to `totals`.
 fn cargo_test(args: &[&str], totals: &mut Totals) -> anyhow::Result<bool> {
+    cargo_test_env(args, &[], totals)
+}
+
+fn cargo_test_env(
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+    totals: &mut Totals,
+) -> anyhow::Result<bool> {
     use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(env!("CARGO"));
+    cmd.envs(env.iter().copied());
     cmd.current_dir(root())
         .arg("test")
         .args(args)
@@ -452,12 +497,15 @@ fn cargo_test(args: &[&str], totals: &mut Totals) -> anyhow::Result<bool> {
 }
 
 fn test() -> anyhow::Result<()> {
+    // The analysis tests read the Parquet export with DuckDB too: they require it here.
+    let python = setup_duckdb()?;
     checks::check_layers(&root())?;
     checks::check_decision_layer(&root())?;
     check_kmod_default_build()?;
     let mut totals = Totals::default();
-    let units = cargo_test(
+    let units = cargo_test_env(
         &["--workspace", "--all-features", "--all-targets"],
+        &[("TDPSHARE_DUCKDB_PYTHON", python.as_os_str())],
         &mut totals,
     )?;
     // Doc tests are not part of --all-targets.

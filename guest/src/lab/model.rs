@@ -280,6 +280,7 @@ mod tests {
                     page_size: PageSize::Size4K,
                     cause: PrepopCause::PreFault,
                     entries: 2,
+                    leaves: None,
                     ns: 1,
                 },
             ),

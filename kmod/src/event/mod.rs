@@ -138,6 +138,15 @@ impl PrepopCause {
     }
 }
 
+/// `n` leaves of `size`, as a [`EventKind::PrepopulateEnd`]'s `leaves` (4 KiB, 2 MiB, 1 GiB).
+pub const fn leaves_of(size: PageSize, n: u64) -> [u64; 3] {
+    match size {
+        PageSize::Size4K => [n, 0, 0],
+        PageSize::Size2M => [0, n, 0],
+        PageSize::Size1G => [0, 0, n],
+    }
+}
+
 /// What an IOTLB invalidation covered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
@@ -335,12 +344,18 @@ pub enum EventKind {
         cause: PrepopCause,
     },
     /// Pre-population of a range finished: `entries` leaf entries written in `ns`; `page_size`
-    /// is the largest leaf used.
+    /// is the largest leaf used; `leaves`, where the source counts them, splits `entries` by
+    /// size (4 KiB, 2 MiB, 1 GiB) — the kernel tracepoint does not.
     PrepopulateEnd {
         range: GpaRange,
         page_size: PageSize,
         cause: PrepopCause,
         entries: u64,
+        #[cfg_attr(
+            feature = "serde",
+            serde(default, skip_serializing_if = "Option::is_none")
+        )]
+        leaves: Option<[u64; 3]>,
         ns: u64,
     },
     /// A new root table was allocated (seed path 2: root update).

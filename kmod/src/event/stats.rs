@@ -255,6 +255,7 @@ mod tests {
                 page_size: PageSize::Size2M,
                 cause: crate::event::PrepopCause::NewRoot,
                 entries: 512,
+                leaves: None,
                 ns: 40,
             },
         ));

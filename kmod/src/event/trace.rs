@@ -28,6 +28,10 @@ pub struct Header {
     pub tool_version: String,
     /// Wall-clock time of `ts_ns == 0`, in nanoseconds since the Unix epoch.
     pub start_unix_ns: u64,
+    /// Host name of the machine that recorded live events (empty otherwise, and in traces
+    /// written before it was added); the analysis partitions datasets by it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
 }
 
 impl Header {
@@ -43,6 +47,13 @@ impl Header {
             kernel: kernel.into(),
             tool_version: env!("CARGO_PKG_VERSION").to_owned(),
             start_unix_ns,
+            host: if source == Source::Live {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
         }
     }
 }
@@ -369,6 +380,7 @@ mod tests {
             kernel: String::new(),
             tool_version: "0.1.0".into(),
             start_unix_ns: 1,
+            host: String::new(),
         }
     }
 
@@ -396,6 +408,7 @@ mod tests {
                     page_size: PageSize::Size2M,
                     cause: crate::event::PrepopCause::SharingStart,
                     entries: 1024,
+                    leaves: None,
                     ns: 5000,
                 },
             )

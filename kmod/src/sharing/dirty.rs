@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use crate::decision::addr::{Gfn, Level, PageSize};
 use crate::decision::policy::DirtyTracking;
 use crate::event::clock::Clock;
-use crate::event::{EventKind, GpaRange, PrepopCause};
+use crate::event::{EventKind, GpaRange, PrepopCause, leaves_of};
 use crate::sharing::engine::{SharingError, SharingVm};
 use crate::sharing::platform::Platform;
 use crate::sharing::vm::{Memslot, SlotError};
@@ -83,6 +83,7 @@ impl<P: Platform> SharingVm<P> {
                         page_size,
                         cause,
                         entries: out.entries,
+                        leaves: Some(leaves_of(page_size, out.entries)),
                         ns,
                     });
                     self.content_updated(l.gfn, l.level.frames());

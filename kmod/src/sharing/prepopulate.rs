@@ -48,8 +48,8 @@ impl Batches {
 /// Maps `template`'s range with leaves up to `max_level`: each naturally aligned chunk with the
 /// largest level its guest and host alignment allow; where smaller leaves are already in the
 /// way, one level down. Work items are one page table of 4 KiB leaves at most, or one huge
-/// leaf, and the lock is yielded between them ([`PREPOP_BATCH`]). Returns the outcome and the
-/// largest level used.
+/// leaf, and the lock is yielded between them ([`PREPOP_BATCH`]). Returns the outcome, the
+/// largest level used and the leaf entries written by size (4 KiB, 2 MiB, 1 GiB).
 ///
 /// Lock: write (held by the caller; `batches` counts where it is dropped and retaken).
 fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
@@ -58,10 +58,15 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
     template: Mapping,
     max_level: Level,
     batches: &mut Batches,
-) -> Result<(Outcome, Level), MmuError> {
+) -> Result<(Outcome, Level, [u64; 3]), MmuError> {
     let (gfn, end) = (template.gfn, template.end());
     let mut out = Outcome::default();
     let mut largest = Level::L1;
+    let mut leaves = [0u64; 3];
+    let by_size = |leaves: &mut [u64; 3], level: Level, n: u64| {
+        let i = usize::from(level.get().clamp(1, 3)) - 1;
+        leaves[i] += n;
+    };
     // (start, level) chunks still to map; processed in order.
     let mut work: Vec<(Gfn, Level)> = Vec::new();
     let mut at = gfn;
@@ -112,6 +117,7 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
         match mmu.map(root, &m) {
             Ok(o) => {
                 batches.wrote(o.entries);
+                by_size(&mut leaves, level, o.entries);
                 out.add(o);
                 largest = largest.max(level);
             }
@@ -119,7 +125,9 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
             // pinned memory now and must be guarded as such.
             Err(MmuError::Occupied { level: l, .. }) if l > level => {
                 if template.attrs.pinned {
-                    out.add(mmu.set_pinned(root, start, len, true)?);
+                    let o = mmu.set_pinned(root, start, len, true)?;
+                    by_size(&mut leaves, l, o.entries);
+                    out.add(o);
                 }
             }
             // Smaller leaves are in the way: one level down, in place.
@@ -134,7 +142,7 @@ fn populate_range<A: PageAllocator, S: EventSink, C: Clock>(
         }
         i += 1;
     }
-    Ok((out, largest))
+    Ok((out, largest, leaves))
 }
 
 impl<P: Platform> SharingVm<P> {
@@ -190,6 +198,7 @@ impl<P: Platform> SharingVm<P> {
         let start = self.timer.now_ns();
         let mut total = Outcome::default();
         let mut largest = Level::L1;
+        let mut leaves = [0u64; 3];
         let mut batches = Batches::default();
         {
             // mmu_lock for write from here: no pinning (it may sleep) until it is dropped.
@@ -197,9 +206,13 @@ impl<P: Platform> SharingVm<P> {
             let result = match self.iommu_table() {
                 None => Err(SharingError::State("sharing is not on")),
                 Some((mmu, root)) => jobs.iter().try_for_each(|&(template, level)| {
-                    let (out, l) = populate_range(mmu, root, template, level, &mut batches)?;
+                    let (out, l, by_size) =
+                        populate_range(mmu, root, template, level, &mut batches)?;
                     total.add(out);
                     largest = largest.max(l);
+                    for (sum, n) in leaves.iter_mut().zip(by_size) {
+                        *sum += n;
+                    }
                     Ok::<_, SharingError>(())
                 }),
             };
@@ -216,6 +229,7 @@ impl<P: Platform> SharingVm<P> {
             page_size: largest.page_size().unwrap_or(PageSize::Size4K),
             cause,
             entries: total.entries,
+            leaves: Some(leaves),
             ns,
         });
         Ok(total)
@@ -305,7 +319,7 @@ mod tests {
             perms: Perms::RW,
             attrs: LeafAttrs::default(),
         };
-        let (out, _) = populate_range(&mut mmu, root, t, max, &mut Batches::default()).unwrap();
+        let (out, _, _) = populate_range(&mut mmu, root, t, max, &mut Batches::default()).unwrap();
         let leaves = mmu
             .leaves(root)
             .unwrap()
