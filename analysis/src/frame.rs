@@ -829,6 +829,16 @@ mod tests {
     }
 
     #[test]
+    fn the_docs_list_every_column_with_its_type() {
+        let doc = include_str!("../../docs/analysis.md");
+        for (name, ty, _) in SCHEMA {
+            let t = format!("{:?}", ty.dtype());
+            let row = format!("| `{name}` | {t} |");
+            assert!(doc.contains(&row), "docs/analysis.md lacks `{row}`");
+        }
+    }
+
+    #[test]
     fn dates_are_utc_days() {
         assert_eq!(utc_date(0), "1970-01-01");
         // 2026-11-28T12:00:00Z

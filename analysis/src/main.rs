@@ -188,7 +188,12 @@ fn emit(out: &Output, text: &str) -> anyhow::Result<()> {
     match &out.output {
         None => {
             use std::io::Write;
-            std::io::stdout().write_all(text.as_bytes())?;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                // The reader went away (`| head`): not an error of ours.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.context("writing to standard output")?,
+            }
         }
         Some(path) => {
             let tmp = path.with_extension("tmp");

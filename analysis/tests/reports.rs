@@ -421,3 +421,219 @@ fn a_large_trace_spills_and_reports_the_same() {
         "the spill directory is removed with the dataset"
     );
 }
+
+fn ev(ts_ns: u64, kind: tdpshare::EventKind) -> Event {
+    Event::new(ts_ns, 9, Source::Live, kind)
+}
+
+fn slot(s: u16, gpa: u64, size: u64, flags: u32) -> tdpshare::event::Memslot {
+    tdpshare::event::Memslot {
+        slot: s,
+        as_id: 0,
+        gpa: tdpshare::Gpa(gpa),
+        size,
+        flags,
+        ua: 0x7f00_0000_0000 + gpa,
+    }
+}
+
+#[test]
+fn splits_get_the_reason_that_came_before_them() {
+    use tdpshare::EventKind as K;
+    use tdpshare::Gfn;
+    let dir = scratch("splits");
+    let path = dir.join("splits.jsonl");
+    let two_m = 512u64;
+    write_trace(
+        &path,
+        Source::Live,
+        &[
+            // Slot 1: 0..1 GiB; slot 2 starts at 1 GiB + 1 MiB (a boundary inside a 2M page).
+            ev(0, K::MemslotAdd(slot(1, 0, 1 << 30, 0))),
+            ev(1, K::MemslotAdd(slot(2, (1 << 30) + (1 << 20), 1 << 30, 0))),
+            // An instruction fetch in the 2M page at gfn 512, then its split.
+            ev(
+                10,
+                K::PageFault {
+                    gfn: Gfn(two_m + 3),
+                    error_code: 0x14,
+                },
+            ),
+            ev(
+                11,
+                K::HugePageSplit {
+                    gfn: Gfn(two_m),
+                    level: 2,
+                },
+            ),
+            // A split with nothing before it.
+            ev(
+                20,
+                K::HugePageSplit {
+                    gfn: Gfn(4 * two_m),
+                    level: 2,
+                },
+            ),
+            // Across the boundary at 1 GiB + 1 MiB.
+            ev(
+                30,
+                K::HugePageSplit {
+                    gfn: Gfn((1 << 30) >> 12),
+                    level: 2,
+                },
+            ),
+            // Dirty logging on slot 2, then a split in it.
+            ev(
+                40,
+                K::MemslotFlags {
+                    old_flags: 0,
+                    slot: slot(2, (1 << 30) + (1 << 20), 1 << 30, 1),
+                },
+            ),
+            ev(
+                41,
+                K::HugePageSplit {
+                    gfn: Gfn(((1 << 30) >> 12) + 3 * two_m),
+                    level: 2,
+                },
+            ),
+            // A huge leaf loses write access, then splits.
+            ev(
+                50,
+                K::SpteSet {
+                    gfn: Gfn(8 * two_m),
+                    level: 2,
+                    old: tdpshare::event::SpteFlags::parse("prwxh----").unwrap(),
+                    new: tdpshare::event::SpteFlags::parse("pr-xh----").unwrap(),
+                },
+            ),
+            ev(
+                51,
+                K::HugePageSplit {
+                    gfn: Gfn(8 * two_m),
+                    level: 2,
+                },
+            ),
+        ],
+    );
+    let vms = huge::walk(&open(&[path]), 1_000_000_000).unwrap();
+    let reasons: Vec<_> = vms[0].splits.iter().map(|s| s.reason).collect();
+    use huge::SplitReason as R;
+    assert_eq!(
+        reasons,
+        [
+            R::NxHugepage,
+            R::Other,
+            R::MemslotBoundary,
+            R::DirtyLogging,
+            R::PermissionChange
+        ]
+    );
+    // NX-hugepage and dirty-logging splits are the ones an exempt IOMMU side keeps huge.
+    let exempt: u64 = vms[0]
+        .splits
+        .iter()
+        .filter(|s| s.reason.iommu_exempt())
+        .map(|s| s.bytes())
+        .sum();
+    assert_eq!(exempt, 2 * (2 << 20));
+}
+
+#[test]
+fn iotlb_and_dma_reports_count_what_they_say() {
+    use tdpshare::EventKind as K;
+    use tdpshare::event::{FlushScope, GpaRange};
+    let dir = scratch("iotlb");
+    let path = dir.join("flushes.jsonl");
+    let range = |start: u64| Some(GpaRange::new(tdpshare::Gpa(start), 4096));
+    let flush = |ts: u64, domain: u32, start: u64| {
+        ev(
+            ts,
+            K::IotlbFlush {
+                scope: FlushScope::Range,
+                domain: Some(domain),
+                range: range(start),
+                ns: 1000,
+            },
+        )
+    };
+    let map = |ts: u64, iova: u64, size: u64, ns: u64| {
+        ev(
+            ts,
+            K::IommuMap {
+                iova: tdpshare::Iova(iova),
+                size,
+                ns,
+            },
+        )
+    };
+    write_trace(
+        &path,
+        Source::Live,
+        &[
+            // Domain 1: three within 10 us of each other (two batchable), one 1 ms later.
+            flush(0, 1, 0),
+            flush(2_000, 1, 4096),
+            flush(4_000, 1, 8192),
+            flush(1_004_000, 1, 0),
+            // Domain 2, interleaved: its own first flush is not batchable.
+            flush(3_000, 2, 0),
+            ev(
+                5_000,
+                K::IotlbFlush {
+                    scope: FlushScope::Domain,
+                    domain: Some(1),
+                    range: None,
+                    ns: 3000,
+                },
+            ),
+            // Two timed 2 MiB maps at 2M-aligned IOVAs, one untimed 4K map.
+            map(10_000, 2 << 20, 2 << 20, 40_000),
+            map(20_000, 4 << 20, 2 << 20, 60_000),
+            map(30_000, 4096, 4096, 0),
+        ],
+    );
+    let ds = open(&[path]);
+    let s = tdpshare_analysis::report::iotlb::section(&ds, 10_000).unwrap();
+    assert!(s.finding.starts_with("6 IOTLB flushes"), "{}", s.finding);
+    assert!(
+        s.finding.contains("5 range flushes, of which 2 (40%)"),
+        "{}",
+        s.finding
+    );
+    let d = tdpshare_analysis::report::dma::section(&ds).unwrap();
+    let rows = &d.tables[0].rows;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    use tdpshare_analysis::report::Cell;
+    assert_eq!(rows[0][1], Cell::text("2M"));
+    assert_eq!(rows[0][2], Cell::Int(2));
+    assert_eq!(rows[0][3], Cell::Float(50.0, 2));
+    assert!(d.finding.contains("1 more were not timed"), "{}", d.finding);
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    // `tdpshare-analyze report … | head`: the report (hundreds of KB with every split) meets
+    // a closed pipe; the command ends quietly with success, as Unix tools do.
+    let dir = scratch("pipe");
+    let scenario = Scenario::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../kmod/scenarios/boot-8g.toml"),
+    )
+    .unwrap();
+    let trace = simulate(&scenario, ShareMode::PinPrepopulate, &dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tdpshare-analyze"))
+        .args(["report", "--only", "huge"])
+        .arg(&trace)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

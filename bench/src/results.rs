@@ -266,4 +266,31 @@ mod tests {
         assert!(e.to_string().contains("version 99"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn the_analysis_is_embedded_and_its_failure_shown() {
+        let mut r = results(&[1.0], 1);
+        // Older results.json without the field still load.
+        let old = serde_json::to_string(&r).unwrap();
+        assert!(!old.contains("analysis"));
+        r.analysis = Some(Analysis {
+            traces: vec!["work/fw-1g-base-probes/trace.jsonl".into()],
+            markdown: Ok("### Root updates and their triggers\n\n12 fast zaps.\n\n**Every fast zap**\n\n| a | b |\n| --- | ---: |\n| x | 1 |\n".into()),
+        });
+        let md = crate::html::markdown(&r, &[]);
+        assert!(md.contains("## Analysis of the recorded traces"));
+        assert!(md.contains("12 fast zaps."));
+        let html = crate::html::html(&r, &[]);
+        assert!(html.contains("<h3>Root updates and their triggers</h3>"));
+        assert!(html.contains("<p><b>Every fast zap</b></p>"));
+        assert!(html.contains("<td>x</td><td>1</td>"));
+        r.analysis = Some(Analysis {
+            traces: vec![],
+            markdown: Err("tdpshare-analyze failed (exit status: 1): line 5".into()),
+        });
+        assert!(
+            crate::html::markdown(&r, &[])
+                .contains("**The analysis failed**: tdpshare-analyze failed")
+        );
+    }
 }
