@@ -54,6 +54,8 @@ pub enum Action {
     Drops(u64),
     /// A message for the user (not root, a source ended, …).
     Note(String),
+    /// A source failed (bad input, a crashed worker): shown, and sharetop exits non-zero.
+    Failed(String),
     /// sharetop's own CPU use, percent of one core.
     SelfCpu(f64),
     /// Time passed; rates are computed over the time between ticks (event time, ns).
@@ -116,6 +118,8 @@ pub struct App {
     pub probes: Vec<ProbeRow>,
     pub drops: u64,
     pub notes: Vec<String>,
+    /// What failed (also among the notes); any makes sharetop's exit code non-zero.
+    pub failures: Vec<String>,
     pub cpu_percent: f64,
     pub window: usize,
     /// Where the events come from, for the header.
@@ -144,6 +148,7 @@ impl App {
             probes: Vec::new(),
             drops: 0,
             notes: Vec::new(),
+            failures: Vec::new(),
             cpu_percent: 0.0,
             window: 60,
             source: source.into(),
@@ -260,6 +265,13 @@ impl App {
                 if !self.notes.contains(&n) {
                     self.notes.push(n);
                 }
+            }
+            Action::Failed(f) => {
+                let n = format!("FAILED: {f}");
+                if !self.notes.contains(&n) {
+                    self.notes.push(n);
+                }
+                self.failures.push(f);
             }
             Action::SelfCpu(p) => self.cpu_percent = p,
             Action::Tick(now) => {

@@ -2,6 +2,7 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
@@ -185,7 +186,13 @@ fn print_overview(app: &App, format: Format, first: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn headless(cli: &Cli, mut app: App, rx: Receiver<Action>, srcs: Sources) -> anyhow::Result<()> {
+/// Headless output; returns what failed.
+fn headless(
+    cli: &Cli,
+    mut app: App,
+    rx: Receiver<Action>,
+    srcs: Sources,
+) -> anyhow::Result<Vec<String>> {
     if cli.once && cli.interval.is_none() {
         let live = cli.replay.is_none() && cli.simulate.is_none() && !cli.demo;
         let deadline = Instant::now() + Duration::from_secs(if live { 1 } else { 3600 });
@@ -198,24 +205,34 @@ fn headless(cli: &Cli, mut app: App, rx: Receiver<Action>, srcs: Sources) -> any
             std::thread::sleep(Duration::from_millis(10));
         }
         srcs.shutdown();
-        for n in &app.notes {
+        for n in app.notes.iter().filter(|n| !n.starts_with("FAILED: ")) {
             eprintln!("{n}");
         }
-        return print_overview(&app, cli.format, true);
+        print_overview(&app, cli.format, true)?;
+        return Ok(app.failures);
     }
     let every = Duration::from_secs_f64(cli.interval.unwrap_or(1.0).max(0.05));
     let mut printed = 0;
+    let mut notes_shown = 0;
     loop {
         std::thread::sleep(every);
+        let finished = srcs.finished();
         drain(&mut app, &rx, usize::MAX);
+        for n in app.notes.iter().skip(notes_shown) {
+            if !n.starts_with("FAILED: ") {
+                eprintln!("{n}");
+            }
+        }
+        notes_shown = app.notes.len();
         print_overview(&app, cli.format, printed == 0)?;
         printed += 1;
-        if cli.count.is_some_and(|c| printed >= c) || (cli.once && printed >= 1) {
+        // A replay or simulation that ended (or failed) has nothing more to print.
+        if cli.count.is_some_and(|c| printed >= c) || (cli.once && printed >= 1) || finished {
             break;
         }
     }
     srcs.shutdown();
-    Ok(())
+    Ok(app.failures)
 }
 
 fn key_action(code: KeyCode, mods: KeyModifiers, app: &App) -> Option<Action> {
@@ -263,9 +280,12 @@ fn cpu_seconds() -> f64 {
     t(usage.ru_utime) + t(usage.ru_stime)
 }
 
-fn tui(mut app: App, rx: Receiver<Action>, srcs: Sources) -> anyhow::Result<()> {
-    // ratatui::init: raw mode, alternate screen, and a panic hook that restores the terminal.
+/// The interactive view; returns what failed.
+fn tui(mut app: App, rx: Receiver<Action>, srcs: Sources) -> anyhow::Result<Vec<String>> {
+    // ratatui::init: raw mode, alternate screen, and a panic hook that restores the terminal —
+    // wrapped so that a source worker's panic leaves the running UI alone.
     let mut terminal = ratatui::init();
+    sources::install_panic_hook();
     let result = (|| -> anyhow::Result<()> {
         let (mut cpu_at, mut cpu_then) = (Instant::now(), cpu_seconds());
         loop {
@@ -299,16 +319,18 @@ fn tui(mut app: App, rx: Receiver<Action>, srcs: Sources) -> anyhow::Result<()> 
     })();
     ratatui::restore();
     srcs.shutdown();
-    result
+    drain(&mut app, &rx, usize::MAX);
+    result.map(|()| app.failures)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Some(Cmd::Record(args)) = &cli.command {
         if !sources::is_root() {
             eprintln!("not root: the probes need CAP_BPF and CAP_PERFMON");
         }
-        return tdpshare_probes::record::run(args);
+        tdpshare_probes::record::run(args)?;
+        return Ok(ExitCode::SUCCESS);
     }
     if cli.step && (cli.once || cli.interval.is_some()) {
         bail!("--step needs the interactive view; drop --once / --interval");
@@ -327,9 +349,17 @@ fn main() -> anyhow::Result<()> {
                 format!("no column {name:?}; columns are {}", names.join(", "))
             })?;
     }
-    if is_headless {
-        headless(&cli, app, rx, srcs)
+    let failures = if is_headless {
+        sources::install_panic_hook();
+        headless(&cli, app, rx, srcs)?
     } else {
-        tui(app, rx, srcs)
+        tui(app, rx, srcs)?
+    };
+    if failures.is_empty() {
+        return Ok(ExitCode::SUCCESS);
     }
+    for f in &failures {
+        eprintln!("sharetop: {f}");
+    }
+    Ok(ExitCode::FAILURE)
 }

@@ -37,7 +37,67 @@ pub struct Sources {
     pub step: Option<Sender<()>>,
 }
 
+/// Thread-name prefix of source workers: their panics are contained ([`install_panic_hook`]).
+const WORKER: &str = "sharetop-source";
+
+thread_local! {
+    /// The last panic message of this worker thread, for its failure report.
+    static PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Wraps the current panic hook (ratatui's, which restores the terminal, then prints) so that a
+/// panic on a source worker prints nothing — not over the running UI — and is reported as that
+/// source's failure instead ([`Action::Failed`]). Other threads' panics go to the old hook.
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with(WORKER));
+        if worker {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_owned());
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+        } else {
+            previous(info);
+        }
+    }));
+}
+
 impl Sources {
+    /// Runs `body` on a source worker named `name`; a panic in it becomes an
+    /// [`Action::Failed`] on `tx` instead of reaching the terminal.
+    fn spawn(&mut self, name: &str, tx: Sender<Action>, body: impl FnOnce() + Send + 'static) {
+        let label = name.to_owned();
+        let report = tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{WORKER}-{name}"))
+            .spawn(move || {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+                    let msg = PANIC
+                        .with(|p| p.borrow_mut().take())
+                        .unwrap_or_else(|| "panic".to_owned());
+                    let _ = tx.send(Action::Failed(format!("the {label} source crashed: {msg}")));
+                }
+            });
+        match thread {
+            Ok(t) => self.threads.push(t),
+            Err(e) => {
+                let _ = report.send(Action::Failed(format!(
+                    "cannot start the {name} source: {e}"
+                )));
+            }
+        }
+    }
+
     pub fn new() -> Self {
         Self {
             stop: Arc::new(AtomicBool::new(false)),
@@ -55,6 +115,8 @@ impl Sources {
     /// Stops every source and the guest the demo started.
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // A stepped replay waits for its next step: hang up so that it returns.
+        self.step = None;
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -69,6 +131,12 @@ impl Default for Sources {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// How long to sleep towards `due` at `elapsed`: at most 50 ms, and nothing once the deadline
+/// has passed — it may pass between the caller's check and here.
+fn nap(due: Duration, elapsed: Duration) -> Duration {
+    due.saturating_sub(elapsed).min(Duration::from_millis(50))
 }
 
 /// Sends events paced by their timestamps; ticks every second of event time.
@@ -98,7 +166,7 @@ fn pace_and_send(
                         let _ = tx.send(Action::Tick(event_now));
                         next_tick = event_now + 1_000_000_000;
                     }
-                    std::thread::sleep((due - start.elapsed()).min(Duration::from_millis(50)));
+                    std::thread::sleep(nap(due, start.elapsed()));
                 }
             }
             Pace::Step => {
@@ -134,7 +202,8 @@ pub fn replay(
     if pace == Pace::Step {
         sources.step = Some(step_tx);
     }
-    sources.threads.push(std::thread::spawn(move || {
+    let failed = tx.clone();
+    sources.spawn("replay", failed, move || {
         let mut reader = reader;
         let mut error = None;
         let events = std::iter::from_fn(|| match reader.next()? {
@@ -145,12 +214,25 @@ pub fn replay(
             }
         });
         pace_and_send(events, pace, &tx, &stop, Some(&step_rx));
-        let note = match error {
-            Some(e) => format!("replay of {} stopped: {e}", path.display()),
-            None => format!("replay of {} finished", path.display()),
-        };
-        let _ = tx.send(Action::Note(note));
-    }));
+        let skipped = reader.skipped_unknown();
+        if skipped > 0 {
+            let _ = tx.send(Action::Note(format!(
+                "{skipped} events of types this build does not know were skipped"
+            )));
+        }
+        let _ = tx.send(match error {
+            Some(e) => Action::Failed(format!(
+                "replay of {} stopped at {e}{}",
+                path.display(),
+                if e.contains("unknown event type") {
+                    " (--skip-unknown skips such events)"
+                } else {
+                    ""
+                }
+            )),
+            None => Action::Note(format!("replay of {} finished", path.display())),
+        });
+    });
     Ok(())
 }
 
@@ -165,7 +247,8 @@ pub fn simulate(
     tx: Sender<Action>,
 ) {
     let stop = sources.stop.clone();
-    sources.threads.push(std::thread::spawn(move || {
+    let failed = tx.clone();
+    sources.spawn("simulator", failed, move || {
         let mut all = Vec::new();
         for (i, mode) in modes.iter().enumerate() {
             let vm = 1000 + i as u64;
@@ -175,7 +258,14 @@ pub fn simulate(
                     all.extend(run.events);
                 }
                 Err(e) => {
-                    let _ = tx.send(Action::Note(format!("simulation in {mode} failed: {e}")));
+                    // The whole chain: the step alone does not say why.
+                    let mut why = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(s) = src {
+                        why += &format!(": {s}");
+                        src = s.source();
+                    }
+                    let _ = tx.send(Action::Failed(format!("simulation in {mode}: {why}")));
                 }
             }
         }
@@ -201,7 +291,7 @@ pub fn simulate(
             "simulation of {} finished",
             scenario.name
         )));
-    }));
+    });
 }
 
 /// The VM name in a VMM's command line (`-name guest=X,...` or `-name X`), else its program.
@@ -242,7 +332,8 @@ pub fn live(
         ));
     }
     let stop = sources.stop.clone();
-    sources.threads.push(std::thread::spawn(move || {
+    let failed = tx.clone();
+    sources.spawn("live", failed, move || {
         let mut session = Session::start(&LoadOptions {
             pid,
             ..LoadOptions::default()
@@ -265,8 +356,8 @@ pub fn live(
             let _ = tx.send(Action::Note(n.clone()));
         }
         if session.attached() == 0 {
-            let _ = tx.send(Action::Note(
-                "no probe attached: nothing live to show".into(),
+            let _ = tx.send(Action::Failed(
+                "no probe attached: nothing live to show (the Probes view says why)".into(),
             ));
             return;
         }
@@ -294,7 +385,7 @@ pub fn live(
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-    }));
+    });
 }
 
 /// Starts a SeaBIOS guest under QEMU/KVM (ended with sharetop), gated so that the probes can
@@ -335,4 +426,66 @@ pub fn live_guest_unavailable() -> Option<String> {
         return Some("qemu-system-x86_64 is not installed".into());
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passed_deadline_means_no_sleep() {
+        // The pacing loop checked `elapsed < due`, then time moved on past `due`.
+        assert_eq!(
+            nap(Duration::from_millis(10), Duration::from_millis(11)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            nap(Duration::from_secs(5), Duration::from_secs(1)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            nap(Duration::from_millis(30), Duration::from_millis(10)),
+            Duration::from_millis(20)
+        );
+    }
+
+    #[test]
+    fn a_worker_panic_is_a_failure_not_a_crash() {
+        install_panic_hook();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = Sources::new();
+        s.spawn("test", tx, || panic!("boom in the worker"));
+        s.shutdown();
+        let got: Vec<Action> = rx.try_iter().collect();
+        assert!(
+            got.iter().any(|a| matches!(a, Action::Failed(m)
+                if m.contains("the test source crashed: boom in the worker"))),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_releases_a_stepped_replay() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/traces/live-seabios-qemu-512m.jsonl"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = Sources::new();
+        replay(&mut s, fixture.into(), Pace::Step, false, tx).unwrap();
+        for _ in 0..3 {
+            s.step.as_ref().unwrap().send(()).unwrap();
+        }
+        // Joins the worker, which waits for a fourth step: it must return.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            s.shutdown();
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "shutdown hung on the stepped replay"
+        );
+        drop(rx);
+    }
 }

@@ -178,3 +178,94 @@ fn a_mode_has_one_spelling_and_the_dashed_alias() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pin_prepopulate"));
 }
+
+fn scratch_trace(name: &str, extra: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sharetop-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(FIXTURE).unwrap();
+    let mut lines: Vec<&str> = text.lines().take(21).collect();
+    lines.push(extra);
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn a_bad_trace_is_a_failure_not_a_partial_result() {
+    // Line 22 cut short (no newline at the end of the file), then a foreign event type.
+    let cut = scratch_trace("cut.jsonl", "{\"ts_ns\":1,\"vm\":17765,\"source\":\"live\"");
+    let out = sharetop()
+        .args(["--replay"])
+        .arg(&cut)
+        .args(["--once", "--format", "csv"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sharetop: replay of") && err.contains("line 22"),
+        "{err}"
+    );
+    let unknown = scratch_trace(
+        "unknown.jsonl",
+        "{\"ts_ns\":1,\"vm\":17765,\"source\":\"live\",\"kind\":{\"type\":\"warp_drive\"}}\n",
+    );
+    let out = sharetop()
+        .args(["--replay"])
+        .arg(&unknown)
+        .args(["--once"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warp_drive") && err.contains("--skip-unknown"),
+        "{err}"
+    );
+    let out = sharetop()
+        .args(["--replay"])
+        .arg(&unknown)
+        .args(["--once", "--skip-unknown"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("1 events of types this build does not know were skipped")
+    );
+}
+
+#[test]
+fn a_failed_simulation_says_why_and_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("sharetop-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Two slots overlapping: the second add fails in the engine, not in the scenario's checks.
+    let scenario = dir.join("bad.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"bad\"\n\
+         [[timeline]]\nat_us = 0\ndo = \"memslot_add\"\nslot = 0\nas_id = 0\ngpa = 0x0\n\
+         size = 0x200000\nhpa = 0x7f0000000000\n\
+         [[timeline]]\nat_us = 1\ndo = \"memslot_add\"\nslot = 1\nas_id = 0\n\
+         gpa = 0x100000\nsize = 0x200000\nhpa = 0x7f1000000000\n",
+    )
+    .unwrap();
+    let out = sharetop()
+        .args(["--simulate"])
+        .arg(&scenario)
+        .args(["--mode", "pin_prepopulate", "--once"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sharetop: simulation in pin_prepopulate:"),
+        "{err}"
+    );
+    // The cause, not only the step.
+    assert!(err.contains("memslot 1 overlaps memslot 0"), "{err}");
+}
