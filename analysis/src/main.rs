@@ -353,6 +353,23 @@ fn main() -> anyhow::Result<()> {
             let events = TraceReader::open(&trace)?
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("reading {}", trace.display()))?;
+            if let Some(v) = vm
+                && !events.iter().any(|e| e.vm == v)
+            {
+                let mut vms: Vec<u64> = events.iter().map(|e| e.vm).collect();
+                vms.sort_unstable();
+                vms.dedup();
+                let list: Vec<String> = vms.iter().map(u64::to_string).collect();
+                bail!(
+                    "no event of VM {v} in {} (its VMs: {})",
+                    trace.display(),
+                    if list.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        list.join(", ")
+                    }
+                );
+            }
             print!("{}", Scenario::from_events(&name, vm, &events).to_toml());
         }
         Command::Filter {

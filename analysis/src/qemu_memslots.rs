@@ -23,6 +23,11 @@ pub enum ImportError {
     },
     #[error("line {line}: slot {slot} deleted but never added")]
     DeleteOfAbsentSlot { line: usize, slot: u32 },
+    #[error(
+        "no kvm_set_user_memory line in {lines} lines: not a QEMU trace of \
+         -trace 'kvm_set_user_memory*'"
+    )]
+    NoCalls { lines: usize },
     #[error("cannot read the QEMU trace at line {line}")]
     Io {
         line: usize,
@@ -141,8 +146,10 @@ pub fn import(
     let mut events = Vec::new();
     let mut summary = ImportSummary::default();
     let mut first_time = None;
+    let mut lines = 0;
     for (i, line) in input.lines().enumerate() {
         let line_no = i + 1;
+        lines = line_no;
         let text = line.map_err(|source| ImportError::Io {
             line: line_no,
             source,
@@ -183,6 +190,9 @@ pub fn import(
         }
         events.push(Event::new(ts_ns, vm, Source::Replay, kind));
     }
+    if summary.calls == 0 {
+        return Err(ImportError::NoCalls { lines });
+    }
     Ok((events, summary))
 }
 
@@ -195,6 +205,16 @@ mod tests {
             .join("../fixtures/qemu-memslots")
             .join(name);
         std::io::BufReader::new(std::fs::File::open(path).unwrap())
+    }
+
+    #[test]
+    fn garbage_is_not_an_empty_trace() {
+        let e = import(&b"garbage\nmore garbage\n"[..], 1, 1000).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no kvm_set_user_memory line in 2 lines: not a QEMU trace of -trace \
+             'kvm_set_user_memory*'"
+        );
     }
 
     #[test]

@@ -69,3 +69,20 @@ fn filter_names_an_unknown_type_and_writes_nothing() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_scenario_for_a_vm_the_trace_lacks_is_an_error() {
+    let out = analyze()
+        .arg("scenario")
+        .arg(fixture("live-seabios-qemu-512m.jsonl"))
+        .args(["--vm", "42"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no event of VM 42") && err.contains("its VMs: 17765"),
+        "{err}"
+    );
+}

@@ -29,6 +29,8 @@ enum Command {
     },
 }
 
+use anyhow::bail;
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Status => {
@@ -42,6 +44,10 @@ fn main() -> anyhow::Result<()> {
                 session.attached(),
                 session.statuses.len()
             );
+            if session.attached() == 0 {
+                // Nothing can be recorded: a status check must fail (scripts, systemd).
+                bail!("no probe attached (see the states above; the probes need root)");
+            }
         }
         Command::Record(args) => tdpshare_probes::record::run(&args)?,
         Command::BenchDecode { records } => {

@@ -269,3 +269,21 @@ fn a_failed_simulation_says_why_and_exits_non_zero() {
     // The cause, not only the step.
     assert!(err.contains("memslot 1 overlaps memslot 0"), "{err}");
 }
+
+#[test]
+fn live_once_without_the_probes_fails() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: needs root to drop to nobody");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_sharetop"))
+        .arg("--once")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sharetop: no probe attached"), "{err}");
+}
