@@ -7,6 +7,7 @@
 //! table address, whether it is a root) comes from a C program with CO-RE relocations
 //! ([`core`]), loaded with libbpf.
 
+pub mod args;
 pub mod btf;
 pub mod catalog;
 pub mod core;

@@ -58,11 +58,11 @@ pub struct RecordArgs {
     /// The trace to write (appears when the recording ends; FILE.partial meanwhile).
     #[arg(short, long)]
     pub output: std::path::PathBuf,
-    /// Only this VMM process.
-    #[arg(long)]
+    /// Only this VMM process (it must be running).
+    #[arg(long, value_parser = crate::args::pid)]
     pub pid: Option<u32>,
     /// Stop after this many seconds (default: at Ctrl-C).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::duration)]
     pub duration: Option<f64>,
     /// The kernel-side event buffer in MiB (a power of two): raise it when the summary reports
     /// records dropped in the kernel (a slow machine, bursts of pre-population).

@@ -14,6 +14,7 @@ use sharetop::overview;
 use sharetop::sources::{self, Pace, Sources};
 use tdpshare::event::ShareMode;
 use tdpshare::sim::Scenario;
+use tdpshare_probes::args;
 
 /// The scenario `--demo` simulates, built in so the demo runs from anywhere.
 const BOOT_8G: &str = include_str!("../../kmod/scenarios/boot-8g.toml");
@@ -42,7 +43,7 @@ struct Cli {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["simulate", "demo"])]
     replay: Option<PathBuf>,
     /// Replay speed: event time runs N times faster than wall time.
-    #[arg(long, default_value_t = 1.0, value_name = "N")]
+    #[arg(long, default_value_t = 1.0, value_name = "N", value_parser = args::positive)]
     speed: f64,
     /// Replay one event per press of `n`.
     #[arg(long)]
@@ -54,23 +55,23 @@ struct Cli {
     #[arg(long, value_enum, value_name = "MODE")]
     mode: Vec<ShareMode>,
     /// Wall-clock seconds a simulation is played over.
-    #[arg(long, default_value_t = 20.0, value_name = "S")]
+    #[arg(long, default_value_t = 20.0, value_name = "S", value_parser = args::positive)]
     sim_seconds: f64,
     /// The tour: a real QEMU/KVM guest watched live (where root and /dev/kvm allow) next to
     /// simulated 8 GiB boots in the 2021 design and ours.
     #[arg(long)]
     demo: bool,
-    /// Live: only this VMM process.
-    #[arg(long)]
+    /// Live: only this VMM process (it must be running).
+    #[arg(long, value_parser = args::pid)]
     pid: Option<u32>,
     /// Print the overview once and exit (a replay or simulation is read to its end first).
     #[arg(long)]
     once: bool,
-    /// Print the overview every S seconds (headless).
-    #[arg(long, value_name = "S")]
+    /// Print the overview every S seconds (headless; at least 0.05).
+    #[arg(long, value_name = "S", value_parser = args::interval)]
     interval: Option<f64>,
     /// With --interval: stop after N prints.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", requires = "interval", value_parser = args::count)]
     count: Option<u64>,
     /// Headless output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -211,7 +212,7 @@ fn headless(
         print_overview(&app, cli.format, true)?;
         return Ok(app.failures);
     }
-    let every = Duration::from_secs_f64(cli.interval.unwrap_or(1.0).max(0.05));
+    let every = Duration::from_secs_f64(cli.interval.unwrap_or(1.0));
     let mut printed = 0;
     let mut notes_shown = 0;
     loop {
@@ -336,6 +337,16 @@ fn main() -> anyhow::Result<ExitCode> {
         bail!("--step needs the interactive view; drop --once / --interval");
     }
     let is_headless = cli.once || cli.interval.is_some();
+    if !is_headless {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+            eprintln!(
+                "error: sharetop's view needs a terminal on stdin and stdout; without one, print \
+                 the overview with --once, or every S seconds with --interval S"
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
     let (tx, rx) = mpsc::channel();
     let mut srcs = Sources::new();
     let label = start(&cli, &mut srcs, tx, cli.once && cli.interval.is_none())?;

@@ -287,3 +287,52 @@ fn live_once_without_the_probes_fails() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sharetop: no probe attached"), "{err}");
 }
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    for args in [
+        &["--interval", "inf"][..],
+        &["--interval=-1"],
+        &["--interval", "NaN"],
+        &["--interval", "0"],
+        &["--interval", "1", "--count", "0"],
+        &["--count", "3"],
+        &["--speed", "0"],
+        &["--speed=-2"],
+        &["--sim-seconds", "inf"],
+        &["--pid", "0"],
+        &["--pid", "4194304"],
+        &["record", "-o", "/tmp/never.jsonl", "--duration=-1"],
+        &["record", "-o", "/tmp/never.jsonl", "--duration", "NaN"],
+    ] {
+        let mut cmd = sharetop();
+        cmd.args(args);
+        // `record` takes no --replay.
+        if args[0] != "record" {
+            cmd.args(["--replay", FIXTURE]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_view_without_a_terminal_says_so() {
+    let out = sharetop()
+        .args(["--replay", FIXTURE])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs a terminal") && err.contains("--once"),
+        "{err}"
+    );
+    // No stray escape sequence.
+    assert!(!err.contains('\x1b'), "{err:?}");
+}
