@@ -83,15 +83,21 @@ fn parse_ring_mib(text: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// The `record` command: records until the duration passes or Ctrl-C, reporting on stderr.
+/// The `record` command: records until the duration passes, Ctrl-C or SIGTERM (the trace is
+/// finished either way); SIGHUP closes the current file and goes on in a new one (log
+/// rotation). Reports on stderr.
 pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     use anyhow::Context;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
+    let rotate = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .context("installing the SIGINT/SIGTERM handlers")?;
+    }
+    signal_hook::flag::register(SIGHUP, rotate.clone()).context("installing the SIGHUP handler")?;
     eprintln!("recording to {} ...", args.output.display());
-    let summary = record(
+    let summary = record_with(
         &args.output,
         &LoadOptions {
             pid: args.pid,
@@ -99,7 +105,10 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
             ..LoadOptions::default()
         },
         args.duration.map(Duration::from_secs_f64),
-        &stop,
+        &Signals {
+            stop: &stop,
+            rotate: Some(&rotate),
+        },
         |s| eprint!("{s}"),
     )
     .with_context(|| format!("recording to {}", args.output.display()))?;
@@ -107,6 +116,79 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         eprintln!("{line}");
     }
     Ok(())
+}
+
+/// What ends or rotates a recording.
+#[derive(Debug)]
+pub struct Signals<'a> {
+    /// Set: finish the trace and return.
+    pub stop: &'a AtomicBool,
+    /// Set: finish the current file and go on in the next segment (cleared when done).
+    pub rotate: Option<&'a AtomicBool>,
+}
+
+/// How often the recorder pushes buffered lines to the `.partial` file: a recorder killed
+/// without warning (SIGKILL, a crash) loses at most this much.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// How far back an event may arrive behind a later one and still be written in order: events
+/// are held until the newest seen is this much younger (a memslot change is stamped at its
+/// ioctl's entry but seen at its exit, after the fast zap it caused).
+pub const REORDER_NS: u64 = 2_000_000_000;
+
+/// The name of segment `n` of a rotated recording: `out.jsonl`, then `out-1.jsonl`, … — never
+/// a name that exists.
+pub fn segment_path(output: &Path, n: u32) -> std::path::PathBuf {
+    if n == 0 {
+        return output.to_path_buf();
+    }
+    let stem = output
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let name = match output.extension() {
+        Some(ext) => format!("{stem}-{n}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{n}"),
+    };
+    output.with_file_name(name)
+}
+
+/// Events held back to be written in time order (see [`REORDER_NS`]).
+#[derive(Debug, Default)]
+pub struct Reorder {
+    held: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64)>>,
+    events: std::collections::HashMap<u64, tdpshare::Event>,
+    seq: u64,
+    newest: u64,
+}
+
+impl Reorder {
+    pub fn push(&mut self, e: tdpshare::Event) {
+        self.newest = self.newest.max(e.ts_ns);
+        self.held.push(std::cmp::Reverse((e.ts_ns, self.seq)));
+        self.events.insert(self.seq, e);
+        self.seq += 1;
+    }
+
+    /// The events old enough to be written (all of them with `all`), oldest first; equal
+    /// timestamps keep their arrival order.
+    pub fn ready(&mut self, all: bool) -> Vec<tdpshare::Event> {
+        let until = if all {
+            u64::MAX
+        } else {
+            self.newest.saturating_sub(REORDER_NS)
+        };
+        let mut out = Vec::new();
+        while let Some(std::cmp::Reverse((ts, seq))) = self.held.peek().copied() {
+            if ts > until {
+                break;
+            }
+            self.held.pop();
+            if let Some(e) = self.events.remove(&seq) {
+                out.push(e);
+            }
+        }
+        out
+    }
 }
 
 /// Records live events (of `opts.pid`, or all processes) into `output` until `duration`
@@ -117,8 +199,31 @@ pub fn record(
     opts: &LoadOptions,
     duration: Option<Duration>,
     stop: &AtomicBool,
+    status: impl FnMut(&str),
+) -> Result<RecordSummary, RecordError> {
+    record_with(
+        output,
+        opts,
+        duration,
+        &Signals { stop, rotate: None },
+        status,
+    )
+}
+
+/// Records live events (of `opts.pid`, or all processes) into `output` until `duration`
+/// passes or `stop` is set; `status` receives the probe status table and notes first. The
+/// trace appears under its name only when complete (`TraceFile`).
+/// [`record`], with rotation: events in time order (within [`REORDER_NS`]), flushed to the
+/// `.partial` file every [`FLUSH_EVERY`]; each `rotate` finishes the current segment and
+/// starts the next ([`segment_path`]).
+pub fn record_with(
+    output: &Path,
+    opts: &LoadOptions,
+    duration: Option<Duration>,
+    signals: &Signals<'_>,
     mut status: impl FnMut(&str),
 ) -> Result<RecordSummary, RecordError> {
+    let stop = signals.stop;
     let mut session = Session::start(opts);
     for n in &session.notes {
         status(&format!("note: {n}\n"));
@@ -134,21 +239,58 @@ pub fn record(
         session.statuses.len()
     ));
     let header = Header::new(Source::Live, kernel_release());
-    let mut trace = TraceFile::create(output, &header)?;
+    let mut segment = 0;
+    let mut trace = TraceFile::create(segment_path(output, segment), &header)?;
     let deadline = duration.map(|d| Instant::now() + d);
     let mut events = Vec::new();
+    let mut order = Reorder::default();
+    let mut flushed = Instant::now();
+    let mut written = 0;
+    // Event times count from the first segment's start; later segments' from their own.
+    let base_unix = header.start_unix_ns;
+    let mut offset = 0u64;
     loop {
         let done = stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d);
         session.poll(&mut events);
         for e in events.drain(..) {
+            order.push(e);
+        }
+        for mut e in order.ready(done) {
+            e.ts_ns = e.ts_ns.saturating_sub(offset);
             trace.write(&e)?;
         }
         if done {
             break;
         }
+        if signals
+            .rotate
+            .is_some_and(|r| r.swap(false, Ordering::SeqCst))
+        {
+            // Everything seen so far goes into the closing segment.
+            for mut e in order.ready(true) {
+                e.ts_ns = e.ts_ns.saturating_sub(offset);
+                trace.write(&e)?;
+            }
+            let path = trace.path().to_path_buf();
+            written += trace.finish()?;
+            status(&format!("segment {} finished (SIGHUP)\n", path.display()));
+            segment += 1;
+            while segment_path(output, segment).exists() {
+                segment += 1;
+            }
+            // Time restarts with the segment: its header says when.
+            let header = Header::new(Source::Live, kernel_release());
+            offset = header.start_unix_ns.saturating_sub(base_unix);
+            trace = TraceFile::create(segment_path(output, segment), &header)?;
+            flushed = Instant::now();
+        }
+        if flushed.elapsed() >= FLUSH_EVERY {
+            trace.flush()?;
+            flushed = Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let events = trace.finish()?;
+    let events = written + trace.finish()?;
     let (undecodable, uneventful) = session.undecodable();
     Ok(RecordSummary {
         events,
@@ -162,6 +304,43 @@ pub fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tdpshare::event::{EventKind, Source};
+
+    #[test]
+    fn events_are_written_in_time_order_within_the_window() {
+        let ev = |ts: u64, generation: u64| {
+            tdpshare::Event::new(
+                ts,
+                1,
+                Source::Live,
+                EventKind::FastZap {
+                    generation,
+                    pages: 0,
+                },
+            )
+        };
+        let mut r = Reorder::default();
+        // A memslot change stamped at its ioctl's entry arrives after what it caused.
+        r.push(ev(1_000, 1));
+        r.push(ev(900, 2));
+        r.push(ev(1_000, 3));
+        assert!(r.ready(false).is_empty(), "held within the window");
+        r.push(ev(1_000 + REORDER_NS + 1, 4));
+        let out: Vec<u64> = r.ready(false).iter().map(|e| e.ts_ns).collect();
+        assert_eq!(out, [900, 1_000, 1_000]);
+        let rest = r.ready(true);
+        assert_eq!(rest.len(), 1);
+        assert!(r.ready(true).is_empty());
+    }
+
+    #[test]
+    fn segments_never_reuse_a_name() {
+        let p = Path::new("/tmp/x/boot.jsonl");
+        assert_eq!(segment_path(p, 0), Path::new("/tmp/x/boot.jsonl"));
+        assert_eq!(segment_path(p, 2), Path::new("/tmp/x/boot-2.jsonl"));
+        assert_eq!(segment_path(Path::new("t"), 1), Path::new("t-1"));
+    }
 
     #[test]
     fn ring_mib_takes_powers_of_two_within_bounds() {

@@ -188,6 +188,17 @@ impl TraceFile {
         self.writer.events()
     }
 
+    /// Pushes the buffered lines to the `.partial` file, so that a process killed without a
+    /// chance to [`finish`](TraceFile::finish) loses only what came after.
+    pub fn flush(&mut self) -> Result<(), TraceError> {
+        self.writer.flush()
+    }
+
+    /// The final name.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Syncs the data and moves the file to its final name; returns the number of events.
     pub fn finish(self) -> Result<u64, TraceError> {
         let events = self.writer.events();
