@@ -58,8 +58,12 @@ pub enum Action {
     Failed(String),
     /// sharetop's own CPU use, percent of one core.
     SelfCpu(f64),
-    /// Time passed; rates are computed over the time between ticks (event time, ns).
-    Tick(u64),
+    /// A source's clock reads this (ns, the clock its events are stamped with). In the
+    /// interactive view a tick samples the rates of that source's VMs.
+    Tick(tdpshare::Source, u64),
+    /// Sample every source's rates now (headless: at each print, so rates cover the printed
+    /// interval).
+    Sample,
     Quit,
     NextView,
     PrevView,
@@ -83,6 +87,41 @@ pub enum Action {
     ToggleClass(Path),
     /// Sparkline window in seconds.
     SetWindow(usize),
+}
+
+/// A source's name as the trace format spells it.
+pub fn source_name(s: tdpshare::Source) -> &'static str {
+    match s {
+        tdpshare::Source::Live => "live",
+        tdpshare::Source::Simulator => "simulator",
+        tdpshare::Source::Replay => "replay",
+    }
+}
+
+/// A [`tdpshare::Source`] as a map key (ordered: live, simulator, replay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceKey(pub tdpshare::Source);
+
+impl SourceKey {
+    fn rank(self) -> u8 {
+        match self.0 {
+            tdpshare::Source::Live => 0,
+            tdpshare::Source::Simulator => 1,
+            tdpshare::Source::Replay => 2,
+        }
+    }
+}
+
+impl PartialOrd for SourceKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SourceKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
+    }
 }
 
 /// The event classes, in the order of their toggle keys (1–5).
@@ -125,7 +164,10 @@ pub struct App {
     /// Where the events come from, for the header.
     pub source: String,
     pub events: u64,
-    last_tick: Option<u64>,
+    /// Each source's clock: the latest of its ticks and event times.
+    pub clocks: std::collections::BTreeMap<SourceKey, u64>,
+    /// Ticks sample rates (the interactive view); headless samples at each print instead.
+    pub sample_on_tick: bool,
 }
 
 impl App {
@@ -153,7 +195,8 @@ impl App {
             window: 60,
             source: source.into(),
             events: 0,
-            last_tick: None,
+            clocks: std::collections::BTreeMap::new(),
+            sample_on_tick: true,
         }
     }
 
@@ -247,6 +290,8 @@ impl App {
         match action {
             Action::Event(e) => {
                 self.events += 1;
+                let clock = self.clocks.entry(SourceKey(e.source)).or_insert(0);
+                *clock = (*clock).max(e.ts_ns);
                 self.overview.record(&e);
                 if self.selected.is_none() {
                     self.selected = Some(e.vm);
@@ -274,12 +319,17 @@ impl App {
                 self.failures.push(f);
             }
             Action::SelfCpu(p) => self.cpu_percent = p,
-            Action::Tick(now) => {
-                let dt = self.last_tick.map_or(0, |t| now.saturating_sub(t));
-                if dt > 0 {
-                    self.overview.tick(dt);
+            Action::Tick(source, now) => {
+                let clock = self.clocks.entry(SourceKey(source)).or_insert(0);
+                *clock = (*clock).max(now);
+                if self.sample_on_tick {
+                    self.overview.sample(source, *clock);
                 }
-                self.last_tick = Some(now);
+            }
+            Action::Sample => {
+                for (k, &now) in &self.clocks {
+                    self.overview.sample(k.0, now);
+                }
             }
             Action::Quit => self.quit = true,
             Action::NextView => self.view = self.view.step(1),
@@ -585,14 +635,72 @@ mod tests {
         let mut app = App::new("test");
         app.update(Action::SetWindow(5));
         assert_eq!(app.window, 10, "at least 10 s");
-        app.update(Action::Tick(0));
+        app.update(Action::Tick(Source::Live, 0));
         for ts in 0..4 {
             app.update(slot(1, ts));
         }
-        app.update(Action::Tick(2_000_000_000));
+        app.update(Action::Tick(Source::Live, 2_000_000_000));
         let row = app.overview.get(1).unwrap();
         assert_eq!(row.rates.memslot_ops, 2.0, "4 ops over 2 s");
-        app.update(Action::Tick(4_000_000_000));
+        app.update(Action::Tick(Source::Live, 4_000_000_000));
         assert_eq!(app.overview.get(1).unwrap().rates.memslot_ops, 0.0);
+    }
+
+    #[test]
+    fn each_source_keeps_its_own_clock() {
+        // The demo: a live guest (clock: seconds since the probes started) next to a simulation
+        // whose clock runs far ahead. 8 live events in the live clock's first second are 8/s.
+        let mut app = App::new("demo");
+        for i in 0..8 {
+            app.update(slot(1, 100_000_000 + i * 100_000_000));
+        }
+        let sim = |ts: u64| {
+            Action::Event(Event::new(
+                ts,
+                2,
+                Source::Simulator,
+                EventKind::FastZap {
+                    generation: ts,
+                    pages: 0,
+                },
+            ))
+        };
+        for t in 0..50u64 {
+            app.update(sim(t * 200_000_000));
+            app.update(Action::Tick(Source::Simulator, t * 200_000_000));
+        }
+        app.update(Action::Tick(Source::Live, 1_000_000_000));
+        let live = app.overview.get(1).unwrap();
+        assert!(
+            (live.rates.memslot_ops - 8.0 / 0.9).abs() < 1e-9,
+            "{}",
+            live.rates.memslot_ops
+        );
+        // The simulated VM's rate is over its own clock: 1 root update per 0.2 s is 0 roots
+        // (fast zaps are not root updates) and its memslot rate stays 0.
+        assert_eq!(app.overview.get(2).unwrap().rates.memslot_ops, 0.0);
+    }
+
+    #[test]
+    fn headless_samples_cover_the_printed_interval() {
+        let mut app = App::new("replay");
+        app.sample_on_tick = false;
+        for ts in 0..10u64 {
+            app.update(slot(1, ts * 100_000_000));
+        }
+        // Ticks alone sample nothing headless.
+        app.update(Action::Tick(Source::Live, 900_000_000));
+        assert_eq!(app.overview.get(1).unwrap().rates.memslot_ops, 0.0);
+        // `--once`: one sample at the end, over the VM's whole span (10 events in 0.9 s).
+        app.update(Action::Sample);
+        let r = app.overview.get(1).unwrap().rates.memslot_ops;
+        assert!((r - 10.0 / 0.9).abs() < 1e-9, "{r}");
+        // The next print: 5 more in the following second.
+        for ts in 0..5u64 {
+            app.update(slot(1, 1_000_000_000 + ts * 100_000_000));
+        }
+        app.update(Action::Tick(Source::Live, 1_900_000_000));
+        app.update(Action::Sample);
+        assert_eq!(app.overview.get(1).unwrap().rates.memslot_ops, 5.0);
     }
 }

@@ -206,6 +206,8 @@ fn headless(
             std::thread::sleep(Duration::from_millis(10));
         }
         srcs.shutdown();
+        // Rates over the whole run: the one printed interval.
+        app.update(Action::Sample);
         for n in app.notes.iter().filter(|n| !n.starts_with("FAILED: ")) {
             eprintln!("{n}");
         }
@@ -225,6 +227,8 @@ fn headless(
             }
         }
         notes_shown = app.notes.len();
+        // Rates over this printed interval, on each source's clock.
+        app.update(Action::Sample);
         print_overview(&app, cli.format, printed == 0)?;
         printed += 1;
         // A replay or simulation that ended (or failed) has nothing more to print.
@@ -351,6 +355,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let mut srcs = Sources::new();
     let label = start(&cli, &mut srcs, tx, cli.once && cli.interval.is_none())?;
     let mut app = App::new(label);
+    app.sample_on_tick = !is_headless;
     if let Some(name) = &cli.sort {
         app.sort = overview::COLUMNS
             .iter()

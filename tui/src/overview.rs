@@ -58,7 +58,7 @@ impl Value {
     }
 }
 
-/// Per-second rates between the last two ticks.
+/// Per-second rates over the last sample interval of the VM's source clock.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Rates {
     pub prepopulations: f64,
@@ -173,7 +173,12 @@ pub struct VmRow {
     pub stats: VmStats,
     pub detail: crate::detail::VmDetail,
     pub rates: Rates,
+    /// The clock the VM's events run on (the source that reported it).
+    pub source: Option<tdpshare::Source>,
     last: Counters,
+    /// The source-clock time of the last sample (`None`: none yet — the first sample measures
+    /// from the VM's first event).
+    last_at: Option<u64>,
 }
 
 /// Every VM seen, keyed by VM id.
@@ -188,6 +193,7 @@ impl Overview {
             vm: event.vm,
             ..VmRow::default()
         });
+        row.source.get_or_insert(event.source);
         row.stats.record(event);
         row.detail.record(event);
     }
@@ -201,10 +207,16 @@ impl Overview {
         row.name = name.to_owned();
     }
 
-    /// `dt_ns` passed since the last tick: rates over it.
-    pub fn tick(&mut self, dt_ns: u64) {
-        let secs = dt_ns as f64 / 1e9;
-        for row in self.rows.values_mut() {
+    /// Samples the rates of the VMs whose events come from `source`, whose clock reads `now_ns`:
+    /// each over the time since its previous sample (or since its first event). VMs of other
+    /// sources keep their rates: every source has its own clock.
+    pub fn sample(&mut self, source: tdpshare::Source, now_ns: u64) {
+        for row in self.rows.values_mut().filter(|r| r.source == Some(source)) {
+            let since = row.last_at.or(row.stats.first_ts_ns).unwrap_or(now_ns);
+            let Some(dt) = now_ns.checked_sub(since).filter(|&d| d > 0) else {
+                continue;
+            };
+            let secs = dt as f64 / 1e9;
             let now = Counters::of(&row.stats);
             let d: Vec<f64> = now
                 .0
@@ -221,6 +233,7 @@ impl Overview {
                 memslot_ops: d[5],
             };
             row.last = now;
+            row.last_at = Some(now_ns);
         }
     }
 

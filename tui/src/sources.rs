@@ -149,10 +149,13 @@ fn pace_and_send(
 ) {
     let start = Instant::now();
     let mut next_tick = 0u64;
+    // Ticks run on the clock of the events they pace.
+    let mut clock: tdpshare::Source;
     for e in events {
         if stop.load(Ordering::Relaxed) {
             return;
         }
+        clock = e.source;
         match pace {
             Pace::Unpaced => {}
             Pace::Speed(speed) => {
@@ -163,7 +166,7 @@ fn pace_and_send(
                     }
                     let event_now = (start.elapsed().as_nanos() as f64 * speed) as u64;
                     if event_now >= next_tick {
-                        let _ = tx.send(Action::Tick(event_now));
+                        let _ = tx.send(Action::Tick(clock, event_now));
                         next_tick = event_now + 1_000_000_000;
                     }
                     std::thread::sleep(nap(due, start.elapsed()));
@@ -176,7 +179,7 @@ fn pace_and_send(
             }
         }
         while e.ts_ns >= next_tick {
-            let _ = tx.send(Action::Tick(next_tick));
+            let _ = tx.send(Action::Tick(clock, next_tick));
             next_tick += 1_000_000_000;
         }
         if tx.send(Action::Event(e)).is_err() {
@@ -380,7 +383,7 @@ pub fn live(
             if last_tick.elapsed() >= Duration::from_secs(1) {
                 last_tick = Instant::now();
                 let now = tdpshare_probes::loader::monotonic_ns().saturating_sub(start);
-                let _ = tx.send(Action::Tick(now));
+                let _ = tx.send(Action::Tick(tdpshare::Source::Live, now));
                 let _ = tx.send(Action::Drops(session.counters().drops));
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -49,12 +49,29 @@ fn render_header(frame: &mut Frame<'_>, area: Rect, app: &App) {
         .collect();
     let mut spans = vec![Span::styled("sharetop ", Style::new().bold())];
     spans.extend(tabs);
+    // Each source's clock (event time): how far a replay or simulation has played.
+    let clocks: Vec<String> = app
+        .clocks
+        .iter()
+        .map(|(k, &ns)| format!("{} {:.1} s", crate::app::source_name(k.0), ns as f64 / 1e9))
+        .collect();
     spans.push(Span::raw(format!(
-        "{} | {} VMs | {} events",
+        "{} | {} VMs | {} events{}",
         app.source,
         app.overview.len(),
-        app.events
+        app.events,
+        if clocks.is_empty() {
+            String::new()
+        } else {
+            format!(" | t: {}", clocks.join(", "))
+        }
     )));
+    if !app.failures.is_empty() {
+        spans.push(Span::styled(
+            format!(" {} FAILED", app.failures.len()),
+            Style::new().fg(Color::Red).bold(),
+        ));
+    }
     if app.paused {
         spans.push(Span::styled(
             " PAUSED",

@@ -23,7 +23,7 @@ fn fixture_app() -> App {
     let sim = 1000;
     app.update(Action::VmName(sim, "sim pin_prepopulate".into()));
     let ev = |ts: u64, kind| Action::Event(Event::new(ts, sim, Source::Simulator, kind));
-    app.update(Action::Tick(0));
+    app.update(Action::Tick(Source::Simulator, 0));
     for i in 0..12u64 {
         let ts = i * 1_000_000_000;
         app.update(ev(
@@ -76,7 +76,7 @@ fn fixture_app() -> App {
                 }),
             ));
         }
-        app.update(Action::Tick(ts + 999_999_999));
+        app.update(Action::Tick(Source::Simulator, ts + 999_999_999));
     }
     app.update(ev(
         12_000_000_000,
