@@ -502,7 +502,8 @@ pub fn status_table(statuses: &[ProbeStatus]) -> String {
             s.probe.event,
             if s.probe.core { " (CO-RE)" } else { "" }
         );
-        let path = format!("{:?}", s.probe.watches);
+        // The trace format's spelling (`root_update`), not Rust's.
+        let path = crate::catalog::seed_path(s.probe.watches).name();
         let note = if s.probe.kernel == Kernel::Series && s.state == ProbeState::Absent {
             " (tdpshare patch series not in this kernel)"
         } else {

@@ -89,6 +89,14 @@ pub enum Action {
     SetWindow(usize),
 }
 
+/// A value's name as the trace format spells it (`memslot_change`, not `MemslotChange`).
+pub fn tag<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
 /// A source's name as the trace format spells it.
 pub fn source_name(s: tdpshare::Source) -> &'static str {
     match s {
@@ -401,7 +409,12 @@ pub fn log_line(e: &Event, name: &str) -> String {
             page_size,
             cause,
         } => {
-            format!("{:#x}+{:#x} {page_size} {cause:?}", range.start, range.size)
+            format!(
+                "{:#x}+{:#x} {page_size} {}",
+                range.start,
+                range.size,
+                tag(cause)
+            )
         }
         EventKind::PrepopulateEnd {
             range,
@@ -411,14 +424,18 @@ pub fn log_line(e: &Event, name: &str) -> String {
             ns,
             ..
         } => format!(
-            "{:#x}+{:#x} {page_size} {cause:?} entries={entries} {:.3}ms",
+            "{:#x}+{:#x} {page_size} {} entries={entries} {:.3}ms",
             range.start,
             range.size,
+            tag(cause),
             *ns as f64 / 1e6
         ),
         EventKind::RootAlloc(r) | EventKind::RootSwitch(r) | EventKind::RootFree(r) => format!(
-            "root={} level={} smm={} cause={:?}",
-            r.root, r.level, r.smm, r.cause
+            "root={} level={} smm={} cause={}",
+            r.root,
+            r.level,
+            r.smm,
+            tag(&r.cause)
         ),
         EventKind::FastZap { generation, pages } => format!("gen={generation} pages={pages}"),
         EventKind::Zap {
@@ -452,7 +469,8 @@ pub fn log_line(e: &Event, name: &str) -> String {
             range,
             ns,
         } => format!(
-            "{scope:?}{}{} {}ns",
+            "{}{}{} {}ns",
+            tag(scope),
             domain.map(|d| format!(" domain={d}")).unwrap_or_default(),
             range
                 .map(|r| format!(" {:#x}+{:#x}", r.start, r.size))

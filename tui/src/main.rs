@@ -116,11 +116,18 @@ fn start(
     }
     if let Some(path) = &cli.simulate {
         let scenario = load_scenario(path)?;
-        let modes = if cli.mode.is_empty() {
+        let mut modes = if cli.mode.is_empty() {
             scenario.sharing.modes.clone()
         } else {
             cli.mode.clone()
         };
+        // `--mode X --mode X` is one VM, not two rows of the same run.
+        let mut seen = Vec::new();
+        modes.retain(|m| {
+            let new = !seen.contains(m);
+            seen.push(*m);
+            new
+        });
         let label = format!("simulate {}", scenario.name);
         sources::simulate(srcs, scenario, modes, pace, cli.sim_seconds, tx);
         return Ok(label);

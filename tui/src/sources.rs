@@ -346,7 +346,9 @@ pub fn live(
             .iter()
             .map(|s| ProbeRow {
                 tracepoint: format!("{}:{}", s.probe.system, s.probe.event),
-                path: format!("{:?}", s.probe.watches),
+                path: tdpshare_probes::catalog::seed_path(s.probe.watches)
+                    .name()
+                    .to_owned(),
                 state: s.state.to_string(),
             })
             .collect();

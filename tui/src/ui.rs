@@ -343,7 +343,7 @@ fn render_log(frame: &mut Frame<'_>, area: Rect, app: &App) {
         .enumerate()
         .map(|(i, p)| {
             let on = if app.classes.contains(p) { "x" } else { " " };
-            format!("{}[{on}]{p:?}", i + 1)
+            format!("{}[{on}]{}", i + 1, p.name())
         })
         .collect();
     let filter = app

@@ -336,3 +336,26 @@ fn the_view_without_a_terminal_says_so() {
     // No stray escape sequence.
     assert!(!err.contains('\x1b'), "{err:?}");
 }
+
+#[test]
+fn a_mode_given_twice_is_one_vm() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../kmod/scenarios/refused.toml"
+    );
+    let out = sharetop()
+        .args(["--simulate", scenario, "--once", "--format", "csv"])
+        .args([
+            "--mode",
+            "optimized",
+            "--mode",
+            "optimized",
+            "--mode",
+            "pin-prepopulate",
+        ])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert_eq!(csv.matches("sim optimized").count(), 1, "{csv}");
+}

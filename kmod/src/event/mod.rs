@@ -596,6 +596,19 @@ pub enum Path {
     Sharing,
 }
 
+impl Path {
+    /// The name views and files use (the serde spelling).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Path::Prepopulation => "prepopulation",
+            Path::RootUpdate => "root_update",
+            Path::Iommu => "iommu",
+            Path::Memslot => "memslot",
+            Path::Sharing => "sharing",
+        }
+    }
+}
+
 /// One observation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
