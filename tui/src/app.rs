@@ -71,6 +71,9 @@ pub enum Action {
     Down,
     PageUp,
     PageDown,
+    /// Scroll the log left / right.
+    Left,
+    Right,
     Enter,
     Back,
     /// Sort by the next (or previous) column.
@@ -150,8 +153,16 @@ pub struct App {
     pub selected: Option<VmId>,
     /// Index into [`COLUMNS`] of the sort column; 0 (vm) sorts by VM id.
     pub sort: usize,
-    pub log: VecDeque<Event>,
+    /// The event log: one ring per VM (with its arrival number), so one VM's flood never
+    /// pushes another's events out.
+    pub log: std::collections::BTreeMap<VmId, VecDeque<(u64, Event)>>,
+    log_seq: u64,
+    /// Events kept per VM.
     pub log_capacity: usize,
+    /// Lines the log view showed last (set by the renderer): paging stops at the first page.
+    pub log_height: std::cell::Cell<usize>,
+    /// Columns the log is scrolled right (←/→).
+    pub log_hscroll: u16,
     /// Lines scrolled up from the newest.
     pub log_offset: usize,
     pub paused: bool,
@@ -185,8 +196,11 @@ impl App {
             view: View::Overview,
             selected: None,
             sort: 0,
-            log: VecDeque::new(),
+            log: std::collections::BTreeMap::new(),
+            log_seq: 0,
             log_capacity: 10_000,
+            log_height: std::cell::Cell::new(20),
+            log_hscroll: 0,
             log_offset: 0,
             paused: false,
             filter: None,
@@ -223,9 +237,18 @@ impl App {
     }
 
     /// The log lines that pass the class toggles and the filter, oldest first.
+    /// Events held in the log, over all VMs.
+    pub fn log_len(&self) -> usize {
+        self.log.values().map(VecDeque::len).sum()
+    }
+
+    /// The log's lines after the class toggles and the filter, oldest first (all VMs' rings
+    /// merged in arrival order).
     pub fn visible_log(&self) -> Vec<String> {
-        self.log
-            .iter()
+        let mut all: Vec<&(u64, Event)> = self.log.values().flatten().collect();
+        all.sort_unstable_by_key(|(seq, _)| *seq);
+        all.into_iter()
+            .map(|(_, e)| e)
             .filter(|e| self.classes.contains(&e.kind.path()))
             .map(|e| {
                 log_line(
@@ -239,6 +262,13 @@ impl App {
             })
             .filter(|l| self.filter.as_ref().is_none_or(|re| re.is_match(l)))
             .collect()
+    }
+
+    /// Scrolls the log `by` lines back, stopping where the oldest line tops the page.
+    fn scroll_log(&mut self, by: usize) {
+        let lines = self.visible_log().len();
+        let max = lines.saturating_sub(self.log_height.get().max(1));
+        self.log_offset = self.log_offset.saturating_add(by).min(max);
     }
 
     fn move_selection(&mut self, by: isize) {
@@ -305,9 +335,11 @@ impl App {
                     self.selected = Some(e.vm);
                 }
                 if !self.paused {
-                    self.log.push_back(e);
-                    while self.log.len() > self.log_capacity {
-                        self.log.pop_front();
+                    let ring = self.log.entry(e.vm).or_default();
+                    ring.push_back((self.log_seq, e));
+                    self.log_seq += 1;
+                    while ring.len() > self.log_capacity {
+                        ring.pop_front();
                     }
                 }
             }
@@ -343,15 +375,19 @@ impl App {
             Action::NextView => self.view = self.view.step(1),
             Action::PrevView => self.view = self.view.step(-1),
             Action::Up => match self.view {
-                View::Log => self.log_offset = self.log_offset.saturating_add(1),
+                View::Log => self.scroll_log(1),
                 _ => self.move_selection(-1),
             },
             Action::Down => match self.view {
                 View::Log => self.log_offset = self.log_offset.saturating_sub(1),
                 _ => self.move_selection(1),
             },
-            Action::PageUp => self.log_offset = self.log_offset.saturating_add(20),
-            Action::PageDown => self.log_offset = self.log_offset.saturating_sub(20),
+            Action::PageUp => self.scroll_log(self.log_height.get().max(1)),
+            Action::PageDown => {
+                self.log_offset = self.log_offset.saturating_sub(self.log_height.get().max(1));
+            }
+            Action::Left => self.log_hscroll = self.log_hscroll.saturating_sub(8),
+            Action::Right => self.log_hscroll = self.log_hscroll.saturating_add(8).min(400),
             Action::Enter => {
                 if self.view == View::Overview && self.selected.is_some() {
                     self.view = View::Detail;
@@ -616,11 +652,37 @@ mod tests {
         app.update(slot(1, 1));
         app.update(Action::TogglePause);
         app.update(slot(1, 2));
-        assert_eq!(app.log.len(), 1);
+        assert_eq!(app.log_len(), 1);
         assert_eq!(app.overview.get(1).unwrap().stats.memslot_ops, 2);
         app.update(Action::TogglePause);
         app.update(slot(1, 3));
-        assert_eq!(app.log.len(), 2);
+        assert_eq!(app.log_len(), 2);
+    }
+
+    #[test]
+    fn a_flood_from_one_vm_keeps_the_others_log() {
+        let mut app = App::new("demo");
+        app.log_capacity = 100;
+        app.update(slot(1, 0));
+        for ts in 0..1000 {
+            app.update(pin(2, ts));
+        }
+        let lines = app.visible_log();
+        assert_eq!(lines.len(), 101);
+        assert!(lines[0].contains("vm 1"), "{}", lines[0]);
+        // Paging back stops at the first page.
+        app.update(Action::NextView);
+        app.update(Action::NextView);
+        assert_eq!(app.view, View::Log);
+        app.log_height.set(20);
+        for _ in 0..50 {
+            app.update(Action::PageUp);
+        }
+        assert_eq!(app.log_offset, 81);
+        app.update(Action::Up);
+        assert_eq!(app.log_offset, 81);
+        app.update(Action::PageDown);
+        assert_eq!(app.log_offset, 61);
     }
 
     #[test]

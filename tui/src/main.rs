@@ -266,6 +266,8 @@ fn key_action(code: KeyCode, mods: KeyModifiers, app: &App) -> Option<Action> {
         KeyCode::Up | KeyCode::Char('k') => Action::Up,
         KeyCode::Down | KeyCode::Char('j') => Action::Down,
         KeyCode::PageUp => Action::PageUp,
+        KeyCode::Left | KeyCode::Char('h') => Action::Left,
+        KeyCode::Right | KeyCode::Char('l') => Action::Right,
         KeyCode::PageDown => Action::PageDown,
         KeyCode::Enter => Action::Enter,
         KeyCode::Esc => Action::Back,

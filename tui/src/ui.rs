@@ -93,7 +93,7 @@ fn render_footer(frame: &mut Frame<'_>, area: Rect, app: &App) {
             }
             View::Detail => "q quit  ? help  Esc back  ↑↓ other VM  +/- window  Tab view",
             View::Log => {
-                "q quit  ? help  / filter  1-5 classes  space pause  ↑↓ PgUp PgDn scroll  Esc back"
+                "q quit  ? help  / filter  1-5 classes  space pause  ↑↓ PgUp PgDn ←→ scroll  Esc back"
             }
             View::Probes => "q quit  ? help  Tab view  Esc back",
         }
@@ -357,13 +357,19 @@ fn render_log(frame: &mut Frame<'_>, area: Rect, app: &App) {
         classes.join(" ")
     ));
     let height = block.inner(area).height as usize;
+    app.log_height.set(height);
     let end = lines.len().saturating_sub(app.log_offset.min(lines.len()));
     let start = end.saturating_sub(height);
     let shown: Vec<Line<'_>> = lines[start..end]
         .iter()
         .map(|l| Line::from(l.as_str()))
         .collect();
-    frame.render_widget(Paragraph::new(shown).block(block), area);
+    frame.render_widget(
+        Paragraph::new(shown)
+            .block(block)
+            .scroll((0, app.log_hscroll)),
+        area,
+    );
 }
 
 fn render_probes(frame: &mut Frame<'_>, area: Rect, app: &App) {
@@ -438,7 +444,9 @@ fn render_help(frame: &mut Frame<'_>, area: Rect) {
         "/            filter the log (regex)",
         "1-5          log classes: pre-population, root update, IOMMU, memslot, sharing",
         "+ / -        sparkline window",
-        "PgUp PgDn    scroll the log by a page",
+        "PgUp PgDn    scroll the log by a page (stops at its start)",
+        "← → h l      scroll the log's long lines sideways",
+        "n            next event (replay --step)",
     ];
     let w = (text.iter().map(|l| l.len()).max().unwrap_or(40) as u16 + 4).min(area.width);
     let h = (text.len() as u16 + 2).min(area.height);
