@@ -213,6 +213,20 @@ fn human_ns(ns: u64) -> String {
     }
 }
 
+/// The last `window` per-second values in at most `width` columns: each column the largest
+/// of the seconds it covers, so the window's whole span is on screen and +/- changes it.
+pub fn fit(values: &[u64], window: usize, width: usize) -> Vec<u64> {
+    let tail = &values[values.len().saturating_sub(window.max(1))..];
+    let width = width.max(1);
+    if tail.len() <= width {
+        return tail.to_vec();
+    }
+    let per = tail.len().div_ceil(width);
+    tail.chunks(per)
+        .map(|c| c.iter().copied().max().unwrap_or(0))
+        .collect()
+}
+
 fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
     let Some(row) = app.selected.and_then(|vm| app.overview.get(vm)) else {
         frame.render_widget(
@@ -226,7 +240,10 @@ fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
     } else {
         format!(" VM {} — {} ", row.vm, row.name)
     };
-    let outer = Block::bordered().title(title);
+    let outer = Block::bordered().title(format!(
+        "{title}— sparklines over the last {} s (+/-) ",
+        row.detail.window
+    ));
     let inner = outer.inner(area);
     frame.render_widget(outer, area);
     let [sparks, rest] = Layout::vertical([Constraint::Length(6), Constraint::Min(3)]).areas(inner);
@@ -245,13 +262,7 @@ fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
             Line::from(format!("{title} {last:>6}")).style(Style::new().bold()),
             label,
         );
-        let shown: Vec<u64> = values
-            .iter()
-            .rev()
-            .take(spark.width as usize)
-            .rev()
-            .copied()
-            .collect();
+        let shown = fit(&values, row.detail.window, spark.width as usize);
         frame.render_widget(
             Sparkline::default()
                 .data(&shown)
@@ -297,7 +308,11 @@ fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
         )),
     ]));
     let mut tables = Vec::new();
-    let now = row.stats.last_ts_ns;
+    // Ages on the VM's source clock (not its last event: a quiet VM's roots still age).
+    let now = row
+        .source
+        .and_then(|s| app.clocks.get(&crate::app::SourceKey(s)).copied())
+        .unwrap_or(row.stats.last_ts_ns);
     tables.push(Line::from(Span::styled(
         format!("roots ({}):", d.roots.len()),
         Style::new().bold(),
@@ -462,4 +477,22 @@ fn render_help(frame: &mut Frame<'_>, area: Rect) {
             .block(Block::bordered().title(" keys ")),
         rect,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit;
+
+    #[test]
+    fn the_window_decides_the_span_shown() {
+        let v: Vec<u64> = (0..120).collect();
+        // 60 s in 30 columns: two seconds a column, the last 60 seconds.
+        let f = fit(&v, 60, 30);
+        assert_eq!(f.len(), 30);
+        assert_eq!((f[0], f[29]), (61, 119));
+        // Half the window: one second a column.
+        let h = fit(&v, 30, 30);
+        assert_eq!((h.len(), h[0]), (30, 90));
+        assert_eq!(fit(&v[..5], 60, 30), [0, 1, 2, 3, 4]);
+    }
 }
