@@ -65,6 +65,9 @@ pub struct VmDetail {
     pub iotlb_flushes: Series,
     pub roots: BTreeMap<u64, LiveRoot>,
     pub memslots: BTreeMap<(u8, u16), Memslot>,
+    /// Sharing as the VM's events tell it: `-` (never asked), `requested <mode>`,
+    /// `granted <mode>`, `refused <mode>: <reasons>`, `stopped <mode>`.
+    pub sharing: String,
 }
 
 impl Default for VmDetail {
@@ -82,6 +85,7 @@ impl VmDetail {
             iotlb_flushes: Series::default(),
             roots: BTreeMap::new(),
             memslots: BTreeMap::new(),
+            sharing: "-".into(),
         }
     }
 
@@ -127,6 +131,14 @@ impl VmDetail {
             EventKind::MemslotDelete(s) => {
                 self.memslots.remove(&(s.as_id, s.slot));
             }
+            EventKind::SharingRequested { mode } => self.sharing = format!("requested {mode}"),
+            EventKind::SharingStarted { mode, .. } => self.sharing = format!("granted {mode}"),
+            EventKind::SharingStopped { mode, .. } => self.sharing = format!("stopped {mode}"),
+            EventKind::SharingRefused { mode, reason } => {
+                let prefix = format!("sharing in mode {mode} refused: ");
+                let why = reason.strip_prefix(&prefix).unwrap_or(reason);
+                self.sharing = format!("refused {mode}: {why}");
+            }
             _ => {}
         }
         // Keep the three series aligned on the same last second.
@@ -144,6 +156,30 @@ impl VmDetail {
 mod tests {
     use super::*;
     use tdpshare::event::{Root, RootCause, Source};
+
+    #[test]
+    fn sharing_state_follows_the_events() {
+        use tdpshare::event::ShareMode;
+        let mut d = VmDetail::default();
+        assert_eq!(d.sharing, "-");
+        let ev = |kind| Event::new(0, 1, Source::Simulator, kind);
+        let mode = ShareMode::Optimized;
+        d.record(&ev(EventKind::SharingRequested { mode }));
+        assert_eq!(d.sharing, "requested optimized");
+        d.record(&ev(EventKind::SharingRefused {
+            mode,
+            reason: "sharing in mode optimized refused: the device cannot take IO page faults"
+                .into(),
+        }));
+        assert_eq!(
+            d.sharing,
+            "refused optimized: the device cannot take IO page faults"
+        );
+        d.record(&ev(EventKind::SharingStarted { mode, handle: 1 }));
+        assert_eq!(d.sharing, "granted optimized");
+        d.record(&ev(EventKind::SharingStopped { mode, unpinned: 3 }));
+        assert_eq!(d.sharing, "stopped optimized");
+    }
 
     #[test]
     fn series_fill_gaps_and_keep_the_window() {

@@ -162,6 +162,10 @@ pub const COLUMNS: &[Column] = &[
         name: "memslot_ops",
         value: |r| Value::Count(r.stats.memslot_ops),
     },
+    Column {
+        name: "sharing",
+        value: |r| Value::Text(r.detail.sharing.clone()),
+    },
 ];
 
 /// One VM's row.

@@ -353,6 +353,13 @@ pub fn live(
             })
             .collect();
         let _ = tx.send(Action::Probes(rows));
+        if pid.is_some() && gate.is_none() {
+            let _ = tx.send(Action::Note(
+                "memslots the VM added before the probes attached are not known (the memslot \
+                 list shows later changes only)"
+                    .into(),
+            ));
+        }
         if let Some(mut gate) = gate {
             use std::io::Write;
             let _ = gate.write_all(b"go\n");

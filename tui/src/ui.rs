@@ -307,6 +307,10 @@ fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
             pinned as f64 / 256.0
         )),
     ]));
+    lines.push(Line::from(vec![
+        Span::styled("sharing: ", Style::new().bold()),
+        Span::raw(d.sharing.clone()),
+    ]));
     let mut tables = Vec::new();
     // Ages on the VM's source clock (not its last event: a quiet VM's roots still age).
     let now = row
