@@ -169,7 +169,13 @@ fn drain(app: &mut App, rx: &Receiver<Action>, max: usize) -> usize {
     n
 }
 
-fn print_overview(app: &App, format: Format, first: bool) -> anyhow::Result<()> {
+/// Prints the overview; `interval` (headless `--interval`) adds the time and the deltas.
+fn print_overview(
+    app: &App,
+    format: Format,
+    first: bool,
+    interval: Option<&overview::Interval>,
+) -> anyhow::Result<()> {
     let sort = app.sort_column();
     let mut out = std::io::stdout().lock();
     match format {
@@ -177,10 +183,10 @@ fn print_overview(app: &App, format: Format, first: bool) -> anyhow::Result<()> 
             if !first {
                 writeln!(out)?;
             }
-            write!(out, "{}", app.overview.table(sort))?;
+            write!(out, "{}", app.overview.table_at(sort, interval))?;
         }
         Format::Csv => {
-            let csv = app.overview.csv(sort);
+            let csv = app.overview.csv_at(sort, interval);
             let body = if first {
                 csv.as_str()
             } else {
@@ -188,10 +194,35 @@ fn print_overview(app: &App, format: Format, first: bool) -> anyhow::Result<()> 
             };
             write!(out, "{body}")?;
         }
-        Format::Json => writeln!(out, "{}", serde_json::to_string(&app.overview.json(sort))?)?,
+        Format::Json => writeln!(out, "{}", app.overview.json_at(sort, interval))?,
     }
     out.flush()?;
     Ok(())
+}
+
+/// Now in UTC, RFC 3339 to the second.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// Headless output; returns what failed.
@@ -218,12 +249,13 @@ fn headless(
         for n in app.notes.iter().filter(|n| !n.starts_with("FAILED: ")) {
             eprintln!("{n}");
         }
-        print_overview(&app, cli.format, true)?;
+        print_overview(&app, cli.format, true, None)?;
         return Ok(app.failures);
     }
     let every = Duration::from_secs_f64(cli.interval.unwrap_or(1.0));
     let mut printed = 0;
     let mut notes_shown = 0;
+    let mut interval = overview::Interval::default();
     loop {
         std::thread::sleep(every);
         let finished = srcs.finished();
@@ -236,7 +268,9 @@ fn headless(
         notes_shown = app.notes.len();
         // Rates over this printed interval, on each source's clock.
         app.update(Action::Sample);
-        print_overview(&app, cli.format, printed == 0)?;
+        interval.time = utc_now();
+        print_overview(&app, cli.format, printed == 0, Some(&interval))?;
+        interval.printed(&app.overview);
         printed += 1;
         // A replay or simulation that ended (or failed) has nothing more to print.
         if cli.count.is_some_and(|c| printed >= c) || (cli.once && printed >= 1) || finished {

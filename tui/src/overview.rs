@@ -274,20 +274,75 @@ impl Overview {
         rows
     }
 
+    /// The counts `--interval` rows report deltas of: (column, value).
+    pub fn delta_counts(r: &VmRow) -> [(&'static str, u64); 4] {
+        [
+            ("prepops", r.stats.prepopulations),
+            ("roots", r.stats.root_updates()),
+            ("fast_zaps", r.stats.fast_zaps),
+            ("iotlb_flushes", r.stats.iotlb_flushes),
+        ]
+    }
+
+    /// The cells: column names and one row of values per VM; with `interval`, a leading `time`
+    /// and trailing `d_<count>` columns (the change since the previous print, as kvm_stat -l).
+    fn grid(
+        &self,
+        column: Option<&Column>,
+        interval: Option<&Interval>,
+    ) -> (Vec<String>, Vec<Vec<Value>>) {
+        let mut names: Vec<String> = Vec::new();
+        if interval.is_some() {
+            names.push("time".into());
+        }
+        names.extend(COLUMNS.iter().map(|c| c.name.to_owned()));
+        if interval.is_some() {
+            names.extend(
+                ["prepops", "roots", "fast_zaps", "iotlb_flushes"]
+                    .iter()
+                    .map(|n| format!("d_{n}")),
+            );
+        }
+        let rows = self
+            .rows(column)
+            .into_iter()
+            .map(|r| {
+                let mut v = Vec::new();
+                if let Some(i) = interval {
+                    v.push(Value::Text(i.time.clone()));
+                }
+                v.extend(COLUMNS.iter().map(|c| (c.value)(r)));
+                if let Some(i) = interval {
+                    let prev = i.prev.get(&r.vm);
+                    for (k, (_, now)) in Self::delta_counts(r).into_iter().enumerate() {
+                        let before = prev.map_or(0, |p| p[k]);
+                        v.push(Value::Count(now.saturating_sub(before)));
+                    }
+                }
+                v
+            })
+            .collect();
+        (names, rows)
+    }
+
     pub fn table(&self, column: Option<&Column>) -> String {
-        let rows = self.rows(column);
+        self.table_at(column, None)
+    }
+
+    pub fn table_at(&self, column: Option<&Column>, interval: Option<&Interval>) -> String {
+        let (names, rows) = self.grid(column, interval);
         let cells: Vec<Vec<String>> = rows
             .iter()
-            .map(|r| COLUMNS.iter().map(|c| (c.value)(r).text()).collect())
+            .map(|r| r.iter().map(Value::text).collect())
             .collect();
-        let widths: Vec<usize> = COLUMNS
+        let widths: Vec<usize> = names
             .iter()
             .enumerate()
-            .map(|(i, c)| {
+            .map(|(i, n)| {
                 cells
                     .iter()
                     .map(|row| row[i].len())
-                    .chain([c.name.len()])
+                    .chain([n.len()])
                     .max()
                     .unwrap_or(0)
             })
@@ -300,7 +355,7 @@ impl Overview {
                 .collect();
             let _ = writeln!(out, "{}", parts.join("  "));
         };
-        line(&mut out, &mut COLUMNS.iter().map(|c| c.name));
+        line(&mut out, &mut names.iter().map(String::as_str));
         for row in &cells {
             line(&mut out, &mut row.iter().map(String::as_str));
         }
@@ -308,28 +363,67 @@ impl Overview {
     }
 
     pub fn csv(&self, column: Option<&Column>) -> String {
-        let mut out = COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(",");
+        self.csv_at(column, None)
+    }
+
+    /// CSV (RFC 4180: a field holding a comma, quote or newline is quoted).
+    pub fn csv_at(&self, column: Option<&Column>, interval: Option<&Interval>) -> String {
+        let (names, rows) = self.grid(column, interval);
+        let field = |f: String| {
+            if f.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f
+            }
+        };
+        let mut out = names.join(",");
         out.push('\n');
-        for r in self.rows(column) {
-            let fields: Vec<String> = COLUMNS.iter().map(|c| (c.value)(r).text()).collect();
+        for r in rows {
+            let fields: Vec<String> = r.iter().map(|v| field(v.text())).collect();
             out.push_str(&fields.join(","));
             out.push('\n');
         }
         out
     }
 
-    pub fn json(&self, column: Option<&Column>) -> serde_json::Value {
-        self.rows(column)
-            .into_iter()
+    pub fn json(&self, column: Option<&Column>) -> String {
+        self.json_at(column, None)
+    }
+
+    /// A JSON array with one object per VM, keys in column order (a `serde_json::Map` would
+    /// sort them).
+    pub fn json_at(&self, column: Option<&Column>, interval: Option<&Interval>) -> String {
+        let (names, rows) = self.grid(column, interval);
+        let objects: Vec<String> = rows
+            .iter()
             .map(|r| {
-                COLUMNS
+                let fields: Vec<String> = names
                     .iter()
-                    .map(|c| (c.name.to_owned(), (c.value)(r).json()))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into()
+                    .zip(r)
+                    .map(|(n, v)| format!("{}:{}", serde_json::Value::from(n.as_str()), v.json()))
+                    .collect();
+                format!("{{{}}}", fields.join(","))
             })
-            .collect::<Vec<serde_json::Value>>()
-            .into()
+            .collect();
+        format!("[{}]", objects.join(","))
+    }
+}
+
+/// What an `--interval` print adds: its time, and each VM's counts at the previous print.
+#[derive(Debug, Clone, Default)]
+pub struct Interval {
+    /// UTC, RFC 3339 to the second.
+    pub time: String,
+    pub prev: BTreeMap<VmId, [u64; 4]>,
+}
+
+impl Interval {
+    /// Remembers the counts just printed, for the next print's deltas.
+    pub fn printed(&mut self, o: &Overview) {
+        for r in o.rows.values() {
+            let c = Overview::delta_counts(r);
+            self.prev.insert(r.vm, [c[0].1, c[1].1, c[2].1, c[3].1]);
+        }
     }
 }
 
@@ -369,6 +463,57 @@ mod tests {
     }
 
     #[test]
+    fn interval_rows_carry_time_deltas_and_column_order() {
+        let mut o = overview();
+        o.set_name(9, "guest, \"nine\"");
+        let mut i = Interval {
+            time: "2026-11-28T12:00:00Z".into(),
+            ..Interval::default()
+        };
+        let csv = o.csv_at(column("vm"), Some(&i));
+        let mut lines = csv.lines();
+        let header = lines.next().unwrap();
+        assert!(header.starts_with("time,vm,name,"), "{header}");
+        assert!(
+            header.ends_with(",d_prepops,d_roots,d_fast_zaps,d_iotlb_flushes"),
+            "{header}"
+        );
+        // The name with a comma and quotes is one quoted field.
+        let nine = lines.find(|l| l.contains(",9,")).unwrap();
+        assert!(nine.contains(",\"guest, \"\"nine\"\"\","), "{nine}");
+        assert!(nine.ends_with(",0,0,0,1"), "{nine}");
+        // After a print, the deltas count from it.
+        i.printed(&o);
+        o.record(&Event::new(
+            2,
+            9,
+            Source::Simulator,
+            EventKind::IotlbFlush {
+                scope: tdpshare::event::FlushScope::All,
+                domain: None,
+                range: None,
+                ns: 1,
+            },
+        ));
+        let json = o.json_at(column("vm"), Some(&i));
+        let keys_in_order: Vec<usize> = [
+            "\"time\"",
+            "\"vm\"",
+            "\"name\"",
+            "\"prepops\"",
+            "\"d_iotlb_flushes\"",
+        ]
+        .iter()
+        .map(|k| json.find(k).unwrap())
+        .collect();
+        assert!(keys_in_order.windows(2).all(|w| w[0] < w[1]), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let row9 = v.as_array().unwrap().iter().find(|r| r["vm"] == 9).unwrap();
+        assert_eq!(row9["d_iotlb_flushes"], 1);
+        assert_eq!(row9["iotlb_flushes"], 2);
+    }
+
+    #[test]
     fn sorts_descending_with_ties_by_vm() {
         let o = overview();
         let by = |name| {
@@ -390,7 +535,7 @@ mod tests {
         let o = overview();
         let csv = o.csv(None);
         let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
-        let json = o.json(None);
+        let json: serde_json::Value = serde_json::from_str(&o.json(None)).unwrap();
         let keys: Vec<&str> = json[0]
             .as_object()
             .unwrap()
