@@ -32,6 +32,13 @@ enum Format {
 enum Cmd {
     /// Record live events into a trace file, without the TUI (needs root).
     Record(tdpshare_probes::record::RecordArgs),
+    /// Print a shell completion script (`cargo xtask dist` writes them all).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, sharetop(1), as roff.
+    Manpage,
 }
 
 #[derive(Debug, Parser)]
@@ -198,6 +205,15 @@ fn print_overview(
     }
     out.flush()?;
     Ok(())
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 /// Now in UTC, RFC 3339 to the second.
@@ -373,12 +389,31 @@ fn tui(mut app: App, rx: Receiver<Action>, srcs: Sources) -> anyhow::Result<Vec<
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    if let Some(Cmd::Record(args)) = &cli.command {
-        if !sources::is_root() {
-            eprintln!("not root: the probes need CAP_BPF and CAP_PERFMON");
+    match &cli.command {
+        Some(Cmd::Record(args)) => {
+            if !sources::is_root() {
+                eprintln!("not root: the probes need CAP_BPF and CAP_PERFMON");
+            }
+            tdpshare_probes::record::run(args)?;
+            return Ok(ExitCode::SUCCESS);
         }
-        tdpshare_probes::record::run(args)?;
-        return Ok(ExitCode::SUCCESS);
+        Some(Cmd::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            // Into a buffer first: clap_complete panics when its writer fails.
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "sharetop", &mut text);
+            print_bytes(&text)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Cmd::Manpage) => {
+            use clap::CommandFactory;
+            let mut text = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut text)?;
+            print_bytes(&text)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
     if cli.step && (cli.once || cli.interval.is_some()) {
         bail!("--step needs the interactive view; drop --once / --interval");

@@ -359,3 +359,28 @@ fn a_mode_given_twice_is_one_vm() {
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert_eq!(csv.matches("sim optimized").count(), 1, "{csv}");
 }
+
+#[test]
+fn completions_and_the_man_page_match_the_flags() {
+    for (shell, marker) in [
+        ("bash", "_sharetop()"),
+        ("zsh", "#compdef sharetop"),
+        ("fish", "complete -c sharetop"),
+    ] {
+        let out = sharetop().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Each shell spells the flags its way (fish: `-l replay`).
+        assert!(
+            text.contains(marker) && text.contains("replay") && text.contains("interval"),
+            "{shell}"
+        );
+    }
+    let out = sharetop().arg("manpage").output().unwrap();
+    assert!(out.status.success());
+    let roff = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        roff.contains(".TH sharetop 1") && roff.contains("\\-\\-sim\\-seconds"),
+        "{roff}"
+    );
+}
