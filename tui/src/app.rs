@@ -163,6 +163,8 @@ pub struct App {
     pub log_height: std::cell::Cell<usize>,
     /// Columns the log is scrolled right (←/→).
     pub log_hscroll: u16,
+    /// Overview columns scrolled past, after VM and name (←/→).
+    pub col_offset: usize,
     /// Lines scrolled up from the newest.
     pub log_offset: usize,
     pub paused: bool,
@@ -201,6 +203,7 @@ impl App {
             log_capacity: 10_000,
             log_height: std::cell::Cell::new(20),
             log_hscroll: 0,
+            col_offset: 0,
             log_offset: 0,
             paused: false,
             filter: None,
@@ -386,8 +389,14 @@ impl App {
             Action::PageDown => {
                 self.log_offset = self.log_offset.saturating_sub(self.log_height.get().max(1));
             }
-            Action::Left => self.log_hscroll = self.log_hscroll.saturating_sub(8),
-            Action::Right => self.log_hscroll = self.log_hscroll.saturating_add(8).min(400),
+            Action::Left => match self.view {
+                View::Log => self.log_hscroll = self.log_hscroll.saturating_sub(8),
+                _ => self.col_offset = self.col_offset.saturating_sub(1),
+            },
+            Action::Right => match self.view {
+                View::Log => self.log_hscroll = self.log_hscroll.saturating_add(8).min(400),
+                _ => self.col_offset = (self.col_offset + 1).min(COLUMNS.len().saturating_sub(3)),
+            },
             Action::Enter => {
                 if self.view == View::Overview && self.selected.is_some() {
                     self.view = View::Detail;

@@ -89,81 +89,121 @@ impl Counters {
 /// One column: its field name (TUI header, CSV header, JSON key) and how to get it.
 #[derive(Debug, Clone, Copy)]
 pub struct Column {
+    /// Field name: CSV header, JSON key, `--sort`.
     pub name: &'static str,
+    /// The interactive view's header (short, with units); `?` lists them with `about`.
+    pub title: &'static str,
+    pub about: &'static str,
     pub value: fn(&VmRow) -> Value,
 }
 
 pub const COLUMNS: &[Column] = &[
     Column {
         name: "vm",
+        title: "VM",
+        about: "the VM: its VMM's pid live, the simulator's VM number",
         value: |r| Value::Count(r.vm),
     },
     Column {
         name: "name",
+        title: "name",
+        about: "the VMM's -name, or the simulator's mode",
         value: |r| Value::Text(r.name.clone()),
     },
     Column {
         name: "prepops",
+        title: "prepops",
+        about: "pre-populations (full and partial)",
         value: |r| Value::Count(r.stats.prepopulations),
     },
     Column {
         name: "prepops_per_s",
+        title: "/s",
+        about: "pre-populations per second",
         value: |r| Value::Rate(r.rates.prepopulations),
     },
     Column {
         name: "roots",
+        title: "roots",
+        about: "new roots (root updates the IOMMU must follow)",
         value: |r| Value::Count(r.stats.root_updates()),
     },
     Column {
         name: "roots_per_s",
+        title: "/s",
+        about: "new roots per second",
         value: |r| Value::Rate(r.rates.root_updates),
     },
     Column {
         name: "fast_zaps",
+        title: "zaps",
+        about: "fast zaps: all roots invalidated at once",
         value: |r| Value::Count(r.stats.fast_zaps),
     },
     Column {
         name: "iotlb_flushes",
+        title: "flushes",
+        about: "IOTLB flushes",
         value: |r| Value::Count(r.stats.iotlb_flushes),
     },
     Column {
         name: "flushes_per_s",
+        title: "/s",
+        about: "IOTLB flushes per second",
         value: |r| Value::Rate(r.rates.iotlb_flushes),
     },
     Column {
         name: "pinned_mib",
+        title: "pinned MiB",
+        about: "memory pinned for DMA now",
         value: |r| Value::MiB(r.stats.pinned_pages),
     },
     Column {
         name: "entries",
+        title: "entries",
+        about: "table entries pre-population wrote",
         value: |r| Value::Count(r.stats.prepop_entries),
     },
     Column {
         name: "prepop_ms",
+        title: "prepop ms",
+        about: "time in pre-population",
         value: |r| Value::Millis(r.stats.prepop_total_ns()),
     },
     Column {
         name: "splits",
+        title: "splits",
+        about: "huge-page splits",
         value: |r| Value::Count(r.stats.splits),
     },
     Column {
         name: "dma_maps",
+        title: "maps",
+        about: "DMA map calls",
         value: |r| Value::Count(r.stats.dma_maps),
     },
     Column {
         name: "dma_unmaps",
+        title: "unmaps",
+        about: "DMA unmap calls",
         value: |r| Value::Count(r.stats.dma_unmaps),
     },
     Column {
         name: "iopf",
+        title: "IOPF",
+        about: "IO page faults",
         value: |r| Value::Count(r.stats.io_page_faults),
     },
     Column {
         name: "memslot_ops",
+        title: "memslots",
+        about: "memslot changes",
         value: |r| Value::Count(r.stats.memslot_ops),
     },
     Column {
         name: "sharing",
+        title: "sharing",
+        about: "sharing state: requested, granted, refused <mode>: <why>, stopped",
         value: |r| Value::Text(r.detail.sharing.clone()),
     },
 ];

@@ -106,17 +106,30 @@ fn render_footer(frame: &mut Frame<'_>, area: Rect, app: &App) {
 }
 
 /// The columns that fit in `width`, always starting with vm and name.
-fn fitting_columns(width: u16, rows: &[&VmRow], sort: usize) -> Vec<(usize, u16)> {
+/// Columns always shown: VM and name.
+const FIXED: usize = 2;
+
+/// The columns that fit `width`: the fixed ones, then from the `offset`-th of the others
+/// (←/→ scroll); the name is cut to 16 characters.
+pub fn fitting_columns(
+    width: u16,
+    rows: &[&VmRow],
+    sort: usize,
+    offset: usize,
+) -> Vec<(usize, u16)> {
     let mut out = Vec::new();
     let mut used = 0u16;
-    for (i, c) in COLUMNS.iter().enumerate() {
+    let skip = offset.min(COLUMNS.len() - FIXED - 1);
+    let order = (0..FIXED).chain(FIXED + skip..COLUMNS.len());
+    for i in order {
+        let c = &COLUMNS[i];
         let w = rows
             .iter()
-            .map(|r| (c.value)(r).text().len())
-            .chain([c.name.len()])
+            .map(|r| (c.value)(r).text().chars().count())
+            .chain([c.title.chars().count()])
             .max()
             .unwrap_or(4)
-            .min(24) as u16
+            .min(if i == 1 { 16 } else { 24 }) as u16
             + u16::from(i == sort); // room for the sort mark
         if used + w + 1 > width && out.len() >= 2 {
             break;
@@ -129,7 +142,15 @@ fn fitting_columns(width: u16, rows: &[&VmRow], sort: usize) -> Vec<(usize, u16)
 
 fn render_overview(frame: &mut Frame<'_>, area: Rect, app: &App) {
     let rows = app.overview.rows(app.sort_column());
-    let block = Block::bordered().title(format!(" VMs — sorted by {} ", COLUMNS[app.sort].name));
+    let block = Block::bordered().title(format!(
+        " VMs — sorted by {}{} ",
+        COLUMNS[app.sort].name,
+        if app.col_offset > 0 {
+            " — ← more columns"
+        } else {
+            ""
+        }
+    ));
     if rows.is_empty() {
         let mut lines = vec![Line::from("no VM seen yet")];
         lines.extend(app.notes.iter().map(|n| Line::from(n.as_str())));
@@ -139,9 +160,14 @@ fn render_overview(frame: &mut Frame<'_>, area: Rect, app: &App) {
         );
         return;
     }
-    let cols = fitting_columns(area.width.saturating_sub(2), &rows, app.sort);
+    let cols = fitting_columns(
+        area.width.saturating_sub(2),
+        &rows,
+        app.sort,
+        app.col_offset,
+    );
     let header = Row::new(cols.iter().map(|&(i, _)| {
-        let name = COLUMNS[i].name;
+        let name = COLUMNS[i].title;
         if i == app.sort {
             Cell::from(format!("{name}▼")).style(Style::new().bold().underlined())
         } else {
@@ -451,7 +477,7 @@ fn render_probes(frame: &mut Frame<'_>, area: Rect, app: &App) {
 }
 
 fn render_help(frame: &mut Frame<'_>, area: Rect) {
-    let text = [
+    let keys = [
         "q            quit",
         "?            this help (Esc closes)",
         "Tab / S-Tab  next / previous view",
@@ -464,10 +490,16 @@ fn render_help(frame: &mut Frame<'_>, area: Rect) {
         "1-5          log classes: pre-population, root update, IOMMU, memslot, sharing",
         "+ / -        sparkline window",
         "PgUp PgDn    scroll the log by a page (stops at its start)",
-        "← → h l      scroll the log's long lines sideways",
+        "← → h l      overview: more columns; log: long lines sideways",
         "n            next event (replay --step)",
     ];
-    let w = (text.iter().map(|l| l.len()).max().unwrap_or(40) as u16 + 4).min(area.width);
+    let mut text: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    text.push(String::new());
+    text.push("overview columns (rates: per second on the VM's source clock)".into());
+    for c in COLUMNS {
+        text.push(format!("{:<12} {}", c.title, c.about));
+    }
+    let w = (text.iter().map(|l| l.chars().count()).max().unwrap_or(40) as u16 + 4).min(area.width);
     let h = (text.len() as u16 + 2).min(area.height);
     let rect = Rect {
         x: area.x + (area.width.saturating_sub(w)) / 2,
@@ -477,8 +509,12 @@ fn render_help(frame: &mut Frame<'_>, area: Rect) {
     };
     frame.render_widget(Clear, rect);
     frame.render_widget(
-        Paragraph::new(text.iter().map(|l| Line::from(*l)).collect::<Vec<_>>())
-            .block(Block::bordered().title(" keys ")),
+        Paragraph::new(
+            text.iter()
+                .map(|l| Line::from(l.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .block(Block::bordered().title(" keys ")),
         rect,
     );
 }

@@ -156,3 +156,27 @@ fn tiny_terminals_do_not_panic() {
         render(&app, w, h);
     }
 }
+
+#[test]
+fn the_three_paths_fit_80_columns_and_the_rest_scroll_in() {
+    let mut app = fixture_app();
+    let screen = render(&app, 80, 24);
+    let header = screen.lines().nth(2).unwrap_or_default().to_owned();
+    for title in ["prepops", "roots", "flushes"] {
+        assert!(
+            header.contains(title),
+            "{title} missing at 80 columns: {header}"
+        );
+    }
+    assert!(!header.contains("memslots"), "{header}");
+    // Past the 14 columns before `memslots`; VM and name stay.
+    for _ in 0..14 {
+        app.update(Action::Right);
+    }
+    let scrolled = render(&app, 80, 24);
+    let header = scrolled.lines().nth(2).unwrap_or_default().to_owned();
+    assert!(
+        header.contains("VM") && header.contains("memslots") && header.contains("sharing"),
+        "{header}"
+    );
+}
