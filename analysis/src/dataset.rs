@@ -19,7 +19,7 @@ use crate::frame::{self, Builder, Origin};
 /// Rows per frame batch (and per Parquet row group).
 pub const BATCH_ROWS: usize = 1 << 17;
 /// Rows of trace input kept in memory before the load spills to Parquet.
-pub const SPILL_ROWS: usize = 1 << 20;
+pub const SPILL_ROWS: usize = 1 << 18;
 
 /// Everything that can go wrong loading or exporting.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +185,13 @@ impl Dataset {
         self.spill.as_ref().map(|s| s.0.as_path())
     }
 
-    /// All rows, sorted by input, VM and time.
+    /// All rows, sorted by input, VM and time ([`by_time`] of [`Dataset::lazy`]).
+    pub fn sorted(&self) -> LazyFrame {
+        by_time(self.lazy())
+    }
+
+    /// All rows in input order. Filter before sorting ([`by_time`]): a sort of every row and
+    /// column of a large trace is what costs memory, not the scan.
     pub fn lazy(&self) -> LazyFrame {
         let all = if self.frames.len() == 1 {
             self.frames[0].clone()
@@ -196,16 +202,48 @@ impl Dataset {
                 Err(_) => self.frames[0].clone(),
             }
         };
-        all.sort(
-            ["trace", "vm", "ts_ns"],
-            SortMultipleOptions::default().with_maintain_order(true),
-        )
+        all
     }
 
     /// The rows of the given event types, sorted, collected.
     pub fn collect_types(&self, types: &[&str]) -> PolarsResult<DataFrame> {
-        self.lazy().filter(type_in(types)).collect()
+        collect(by_time(self.lazy().filter(type_in(types))))
     }
+}
+
+/// Runs `lf` on polars' streaming engine: a 10-million-event trace's aggregates in bounded
+/// memory (it falls back to the in-memory engine for what it cannot stream).
+pub fn collect(lf: LazyFrame) -> PolarsResult<DataFrame> {
+    match lf.collect_with_engine(Engine::Streaming)? {
+        polars_core::query_result::QueryResult::Single(df) => Ok(df),
+        polars_core::query_result::QueryResult::Multiple(dfs) => {
+            let mut it = dfs.into_iter();
+            let mut first = it.next().unwrap_or_default();
+            for df in it {
+                first.vstack_mut(&df)?;
+            }
+            Ok(first)
+        }
+    }
+}
+
+/// [`collect`] as a method.
+pub trait Collect {
+    fn collect_streaming(self) -> PolarsResult<DataFrame>;
+}
+
+impl Collect for LazyFrame {
+    fn collect_streaming(self) -> PolarsResult<DataFrame> {
+        collect(self)
+    }
+}
+
+/// `lf` sorted by input, VM and time (stable: equal times keep their order).
+pub fn by_time(lf: LazyFrame) -> LazyFrame {
+    lf.sort(
+        ["trace", "vm", "ts_ns"],
+        SortMultipleOptions::default().with_maintain_order(true),
+    )
 }
 
 /// `type` is one of `types`.

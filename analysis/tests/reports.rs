@@ -288,10 +288,10 @@ fn the_parquet_dataset_reads_back_in_polars_and_duckdb() {
     // polars: the same rows as loading the traces directly, partition columns included.
     let direct = Dataset::open(&traces, &opts)
         .unwrap()
-        .lazy()
+        .sorted()
         .collect()
         .unwrap();
-    let back = open(std::slice::from_ref(&out)).lazy().collect().unwrap();
+    let back = open(std::slice::from_ref(&out)).sorted().collect().unwrap();
     assert_eq!(back.height(), total);
     assert!(back.equals_missing(&direct), "{back:?}\n{direct:?}");
     assert_eq!(
@@ -408,8 +408,8 @@ fn a_large_trace_spills_and_reports_the_same() {
     assert!(std::fs::read_dir(&spill).unwrap().count() >= 9);
     let memory = open(&inputs);
     assert!(memory.spill_dir().is_none());
-    let a = spilled.lazy().collect().unwrap();
-    let b = memory.lazy().collect().unwrap();
+    let a = spilled.sorted().collect().unwrap();
+    let b = memory.sorted().collect().unwrap();
     assert!(a.equals_missing(&b));
     assert_eq!(
         roots::attribute(&spilled, 1_000_000_000).unwrap(),

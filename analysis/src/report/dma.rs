@@ -6,6 +6,7 @@ use polars::prelude::*;
 use tdpshare::Log2Histogram;
 
 use super::{Cell, Section, Table, bytes, strs, u64s};
+use crate::dataset::Collect as _;
 use crate::dataset::Dataset;
 
 /// The largest page size `iova` and `size` are both aligned to.
@@ -26,7 +27,7 @@ pub fn section(ds: &Dataset) -> PolarsResult<Section> {
         .lazy()
         .filter(col("type").eq(lit("iommu_map")))
         .select([col("trace"), col("start"), col("size"), col("ns")])
-        .collect()?;
+        .collect_streaming()?;
     let (start, size, ns) = (u64s(&df, "start")?, u64s(&df, "size")?, u64s(&df, "ns")?);
     let _ = strs(&df, "trace")?;
     let untimed = ns.iter().filter(|n| n.unwrap_or(0) == 0).count();

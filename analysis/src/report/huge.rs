@@ -22,7 +22,8 @@ use tdpshare::event::{Memslot, PrepopCause, SpteFlags};
 use tdpshare::{Event, EventKind, PageSize};
 
 use super::{Cell, Section, Table, bytes, pct};
-use crate::dataset::{Dataset, type_in};
+use crate::dataset::Collect as _;
+use crate::dataset::{Dataset, by_time, type_in};
 use crate::frame;
 
 const TYPES: [&str; 9] = [
@@ -300,7 +301,7 @@ pub fn walk(ds: &Dataset, window_ns: u64) -> Result<Vec<VmHuge>, super::whatif::
     let huge_spte = col("type")
         .eq(lit("spte_set"))
         .and(col("level").gt(lit(1u8)));
-    let df = ds.lazy().filter(type_in(&TYPES).or(huge_spte)).collect()?;
+    let df = by_time(ds.lazy().filter(type_in(&TYPES).or(huge_spte))).collect_streaming()?;
     let events = frame::events(&df)?;
     let traces = super::strs(&df, "trace")?;
     let mut out: Vec<VmHuge> = Vec::new();

@@ -7,12 +7,13 @@ use polars::prelude::*;
 use tdpshare::Log2Histogram;
 
 use super::{Cell, Section, Table, pct, strs, u64s};
-use crate::dataset::Dataset;
+use crate::dataset::Collect as _;
+use crate::dataset::{Dataset, by_time};
 
 /// The IOTLB report.
 pub fn section(ds: &Dataset, batch_window_ns: u64) -> PolarsResult<Section> {
     let lf = ds.lazy();
-    let flushes = lf.clone().filter(col("type").eq(lit("iotlb_flush")));
+    let flushes = by_time(lf.clone().filter(col("type").eq(lit("iotlb_flush"))));
     let range_scope = col("scope")
         .eq(lit("range"))
         .or(col("scope").eq(lit("range_leaves")));
@@ -43,14 +44,14 @@ pub fn section(ds: &Dataset, batch_window_ns: u64) -> PolarsResult<Section> {
             col("size").sum().alias("bytes"),
         ])
         .sort(["trace", "vm", "scope"], Default::default())
-        .collect()?;
+        .collect_streaming()?;
     let roots = lf
         .clone()
         .filter(col("type").eq(lit("root_alloc")))
         .group_by([col("trace"), col("vm")])
         .agg([len().alias("roots")])
-        .collect()?;
-    let ns_all = flushes.select([col("ns")]).collect()?;
+        .collect_streaming()?;
+    let ns_all = flushes.select([col("ns")]).collect_streaming()?;
     let mut hist = Log2Histogram::default();
     for v in u64s(&ns_all, "ns")?.into_iter().flatten() {
         hist.record(v);

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use polars::prelude::*;
 
 use super::{Cell, Section, Table, bytes, pct, strs, u64s};
+use crate::dataset::Collect as _;
 use crate::dataset::{Dataset, type_in};
 
 /// Event types a fast zap is attributed to.
@@ -203,7 +204,7 @@ pub fn attribute(ds: &Dataset, window_ns: u64) -> PolarsResult<Vec<Attributed>> 
         ]),
         triggers(&lf, &ZAP_TRIGGERS),
     )
-    .collect()?;
+    .collect_streaming()?;
     let zr = Rows::of(&zaps)?;
     let mut out = Vec::new();
     let mut zap_trigger: HashMap<(String, u64, u64), Option<Trigger>> = HashMap::new();
@@ -239,7 +240,7 @@ pub fn attribute(ds: &Dataset, window_ns: u64) -> PolarsResult<Vec<Attributed>> 
             ]),
         triggers(&lf, &ROOT_TRIGGERS),
     )
-    .collect()?;
+    .collect_streaming()?;
     let ar = Rows::of(&allocs)?;
     let smm: Vec<Option<bool>> = allocs.column("smm")?.bool()?.iter().collect();
     let causes = strs(&allocs, "cause")?;
@@ -324,7 +325,7 @@ pub fn attribute(ds: &Dataset, window_ns: u64) -> PolarsResult<Vec<Attributed>> 
                 ..Default::default()
             }))),
         )
-        .collect()?;
+        .collect_streaming()?;
     let (ptrace, pvm, pts) = (strs(&pp, "trace")?, u64s(&pp, "vm")?, u64s(&pp, "ts_ns")?);
     let (pent, pns, pt) = (u64s(&pp, "entries")?, u64s(&pp, "ns")?, u64s(&pp, "t_ts")?);
     for i in 0..pp.height() {
@@ -383,7 +384,7 @@ fn prepops(ds: &Dataset) -> PolarsResult<Prepops> {
                 .alias("largest_full"),
         ])
         .sort(["trace", "vm", "cause"], Default::default())
-        .collect()?;
+        .collect_streaming()?;
     let (t, v, c) = (strs(&df, "trace")?, u64s(&df, "vm")?, strs(&df, "cause")?);
     let (n, e, ns, lf) = (
         u64s(&df, "count")?,

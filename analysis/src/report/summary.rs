@@ -4,6 +4,7 @@
 use polars::prelude::*;
 
 use super::{Cell, Section, Table, pct, strs, u64s};
+use crate::dataset::Collect as _;
 use crate::dataset::Dataset;
 
 /// The figures, in display order: (name, how it is counted).
@@ -69,7 +70,7 @@ pub fn metrics(ds: &Dataset) -> PolarsResult<Vec<VmMetrics>> {
             count(is("iommu_map")).alias("m13"),
         ])
         .sort(["trace", "vm"], Default::default())
-        .collect()?;
+        .collect_streaming()?;
     let (t, v, s) = (strs(&df, "trace")?, u64s(&df, "vm")?, strs(&df, "source")?);
     let cols: Vec<Vec<Option<u64>>> = (0..METRICS.len())
         .map(|i| u64s(&df, &format!("m{i}")))

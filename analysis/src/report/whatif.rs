@@ -12,7 +12,8 @@ use tdpshare::ShareMode;
 use tdpshare::sim::{ModeRun, RunOptions, Scenario, run_mode};
 
 use super::{Cell, Section, Table, pct, strs, u64s};
-use crate::dataset::{Dataset, type_in};
+use crate::dataset::Collect as _;
+use crate::dataset::{Dataset, by_time, type_in};
 use crate::frame;
 
 /// The event types a replay uses.
@@ -57,7 +58,7 @@ fn vms(ds: &Dataset) -> PolarsResult<Vec<(String, u64)>> {
         .group_by([col("trace"), col("vm")])
         .agg([len().alias("n")])
         .sort(["trace", "vm"], Default::default())
-        .collect()?;
+        .collect_streaming()?;
     let (t, v) = (strs(&df, "trace")?, u64s(&df, "vm")?);
     Ok((0..df.height())
         .map(|i| (t[i].clone().unwrap_or_default(), v[i].unwrap_or(0)))
@@ -82,15 +83,15 @@ pub fn replay(
 ) -> Result<Vec<Replay>, WhatIfError> {
     let mut out = Vec::new();
     for (trace, vm) in vms(ds)? {
-        let df = ds
-            .lazy()
-            .filter(
+        let df = by_time(
+            ds.lazy().filter(
                 col("trace")
                     .eq(lit(trace.clone()))
                     .and(col("vm").eq(lit(vm)))
                     .and(type_in(&REPLAYED)),
-            )
-            .collect()?;
+            ),
+        )
+        .collect_streaming()?;
         let events = frame::events(&df)?;
         let mut scenario = Scenario::from_events(&trace, Some(vm), &events);
         scenario.vm.device_iopf = opts.device_iopf;
