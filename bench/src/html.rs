@@ -111,7 +111,35 @@ fn tier_md(t: &Tier, out: &mut String) {
 }
 
 /// The Markdown report.
+/// The analysis of the run's recorded traces as Markdown (empty without one). It comes last,
+/// after the plots: it is long (every fast zap), and the plots must stay near the top.
+pub fn analysis_markdown(r: &Results) -> String {
+    let mut out = String::new();
+    if let Some(a) = &r.analysis {
+        let _ = writeln!(
+            out,
+            "## Analysis of the recorded traces\n\n`tdpshare-analyze report --only summary --only \
+             roots --only whatif` on {}.\n",
+            a.traces.join(", ")
+        );
+        match &a.markdown {
+            Ok(md) => out.push_str(md),
+            Err(e) => {
+                let _ = writeln!(out, "> **The analysis failed**: {e}\n");
+            }
+        }
+    }
+    out
+}
+
 pub fn markdown(r: &Results, figures: &[Figure]) -> String {
+    let mut out = main_markdown(r, figures);
+    out.push_str(&analysis_markdown(r));
+    out
+}
+
+/// The report without the analysis.
+fn main_markdown(r: &Results, figures: &[Figure]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# tdpshare bench report\n");
     if !r.complete {
@@ -144,20 +172,6 @@ pub fn markdown(r: &Results, figures: &[Figure]) -> String {
     for t in &r.tiers {
         tier_md(t, &mut out);
     }
-    if let Some(a) = &r.analysis {
-        let _ = writeln!(
-            out,
-            "## Analysis of the recorded traces\n\n`tdpshare-analyze report --only summary --only \
-             roots --only whatif` on {}.\n",
-            a.traces.join(", ")
-        );
-        match &a.markdown {
-            Ok(md) => out.push_str(md),
-            Err(e) => {
-                let _ = writeln!(out, "> **The analysis failed**: {e}\n");
-            }
-        }
-    }
     if !figures.is_empty() {
         let _ = writeln!(out, "## Plots\n\nIn `report.html`: {}.\n", {
             let t: Vec<_> = figures.iter().map(|f| f.title.as_str()).collect();
@@ -185,7 +199,26 @@ pub fn html(r: &Results, figures: &[Figure]) -> String {
          .partial{background:#fdd;padding:1em;border:2px solid #c00}\
          figure{display:inline-block;margin:1em}</style></head><body>\n",
     );
-    let md = markdown(r, &[]);
+    md_to_html(&main_markdown(r, &[]), &mut out);
+    if !figures.is_empty() {
+        out.push_str("<h2>Plots</h2>\n");
+        for f in figures {
+            let _ = writeln!(
+                out,
+                "<figure id=\"{}\">{}<figcaption>{}</figcaption></figure>",
+                escape(&f.title.replace(' ', "-")),
+                f.svg,
+                escape(&f.title)
+            );
+        }
+    }
+    md_to_html(&analysis_markdown(r), &mut out);
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// The Markdown the reports write, as HTML: headings, tables, paragraphs.
+fn md_to_html(md: &str, out: &mut String) {
     let mut in_table = false;
     let mut header = false;
     for line in md.lines() {
@@ -239,20 +272,6 @@ pub fn html(r: &Results, figures: &[Figure]) -> String {
     if in_table {
         out.push_str("</table>\n");
     }
-    if !figures.is_empty() {
-        out.push_str("<h2>Plots</h2>\n");
-        for f in figures {
-            let _ = writeln!(
-                out,
-                "<figure id=\"{}\">{}<figcaption>{}</figcaption></figure>",
-                escape(&f.title.replace(' ', "-")),
-                f.svg,
-                escape(&f.title)
-            );
-        }
-    }
-    out.push_str("</body></html>\n");
-    out
 }
 
 /// The plots a run's results support: boot time vs memory size per configuration;

@@ -282,6 +282,12 @@ mod tests {
         assert!(md.contains("12 fast zaps."));
         let html = crate::html::html(&r, &[]);
         assert!(html.contains("<h3>Root updates and their triggers</h3>"));
+        // Last, after the plots and the tiers: the plots stay near the top of the page.
+        let (analysis, seed) = (
+            html.find("Analysis of the recorded traces"),
+            html.find("seed"),
+        );
+        assert!(seed.is_some() && analysis > seed, "{html}");
         assert!(html.contains("<p><b>Every fast zap</b></p>"));
         assert!(html.contains("<td>x</td><td>1</td>"));
         r.analysis = Some(Analysis {
