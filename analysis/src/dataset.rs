@@ -193,7 +193,7 @@ impl Dataset {
     /// All rows in input order. Filter before sorting ([`by_time`]): a sort of every row and
     /// column of a large trace is what costs memory, not the scan.
     pub fn lazy(&self) -> LazyFrame {
-        let all = if self.frames.len() == 1 {
+        if self.frames.len() == 1 {
             self.frames[0].clone()
         } else {
             match concat(&self.frames, UnionArgs::default()) {
@@ -201,8 +201,7 @@ impl Dataset {
                 // Same schema everywhere (checked at load): concat cannot fail; keep the first.
                 Err(_) => self.frames[0].clone(),
             }
-        };
-        all
+        }
     }
 
     /// The rows of the given event types, sorted, collected.
