@@ -254,6 +254,26 @@ pub fn type_in(types: &[&str]) -> Expr {
         .unwrap_or(lit(false))
 }
 
+/// Opens a trace: its reader, header, and the origin its rows carry.
+fn open_trace(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(TraceReader<std::io::BufReader<File>>, Header, Origin), LoadError> {
+    let reader = TraceReader::open(path)
+        .map_err(|source| LoadError::Trace {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .skip_unknown(opts.skip_unknown);
+    let header = reader.header().clone();
+    let origin = Origin {
+        trace: trace_name(path),
+        host: host_of(&header, opts),
+        start_unix_ns: header.start_unix_ns,
+    };
+    Ok((reader, header, origin))
+}
+
 /// Reads one trace into frames, spilling past [`SPILL_ROWS`].
 fn load_trace(
     path: &Path,
@@ -264,15 +284,7 @@ fn load_trace(
         path: path.to_path_buf(),
         source,
     };
-    let reader = TraceReader::open(path)
-        .map_err(trace_err)?
-        .skip_unknown(opts.skip_unknown);
-    let header = reader.header().clone();
-    let origin = Origin {
-        trace: trace_name(path),
-        host: host_of(&header, opts),
-        start_unix_ns: header.start_unix_ns,
-    };
+    let (reader, header, origin) = open_trace(path, opts)?;
     let mut builder = Builder::new();
     let mut held: Vec<DataFrame> = Vec::new();
     let mut held_rows = 0usize;
@@ -491,15 +503,7 @@ fn export_one(
         path: path.to_path_buf(),
         source,
     };
-    let mut reader = TraceReader::open(path)
-        .map_err(trace_err)?
-        .skip_unknown(opts.skip_unknown);
-    let header = reader.header().clone();
-    let origin = Origin {
-        trace: trace_name(path),
-        host: host_of(&header, opts),
-        start_unix_ns: header.start_unix_ns,
-    };
+    let (mut reader, _, origin) = open_trace(path, opts)?;
     let file_schema: Schema = frame::schema()
         .iter()
         .filter(|(n, _)| !frame::PARTITIONS.contains(&n.as_str()))
