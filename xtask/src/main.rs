@@ -7,6 +7,7 @@
 //! - `test`: the structure checks (kmod's layers; its decision layer under the kernel's Rust
 //!   rules; no dependency in its default build), then every test (the concurrency stress test
 //!   in release mode).
+//! - `fuzz`: the cargo-fuzz targets in `fuzz/`, each for a bounded time ([`fuzz`]).
 //! - `kernel fetch|build|boot|test` and `patches check|apply|unapply|export`: the sharing
 //!   series on Debian's Linux 6.12, in a cache outside the clone ([`kernel`]).
 
@@ -17,6 +18,7 @@ use anyhow::{Context, bail, ensure};
 
 mod bench;
 mod checks;
+mod fuzz;
 mod kernel;
 mod lab;
 mod recordboot;
@@ -60,6 +62,16 @@ enum Task {
         /// One memory size, one run per case: a few minutes, for CI and demos.
         #[arg(long)]
         quick: bool,
+    },
+    /// Every parser of outside input under libFuzzer (cargo-fuzz, nightly), each target for a
+    /// bounded time; corpus and crashes in the cache (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
     },
 }
 
@@ -308,6 +320,7 @@ fn setup() -> anyhow::Result<()> {
     setup_ebpf_toolchain()?;
     setup_apt()?;
     setup_bpf_linker()?;
+    setup_cargo_fuzz()?;
     setup_duckdb()?;
     Ok(())
 }
@@ -416,6 +429,26 @@ fn setup_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz` (pinned: its flags are what the task passes).
+fn setup_cargo_fuzz() -> anyhow::Result<()> {
+    if has_command("cargo-fuzz", "--version") {
+        println!("present: cargo-fuzz");
+        return Ok(());
+    }
+    println!("installing: {}", fuzz::CARGO_FUZZ);
+    run(Command::new(env!("CARGO")).args(["install", "--locked", fuzz::CARGO_FUZZ]))
+}
+
+/// The fuzz targets (their own workspace, run by `cargo xtask fuzz`) still compile against
+/// the crates' APIs: a type check with the stable toolchain, no sanitizer, no run.
+fn check_fuzz_targets() -> anyhow::Result<()> {
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["check", "-q", "--manifest-path", "fuzz/Cargo.toml", "--bins"])
+        .arg("--target-dir")
+        .arg(root().join("target/fuzz-check")))
+}
+
 /// The kernel-side crate must build with no dependency in its default (`no_std`) build.
 fn check_kmod_default_build() -> anyhow::Result<()> {
     let tree = output(
@@ -505,6 +538,7 @@ fn test() -> anyhow::Result<()> {
     checks::check_layers(&root())?;
     checks::check_decision_layer(&root())?;
     check_kmod_default_build()?;
+    check_fuzz_targets()?;
     let mut totals = Totals::default();
     let units = cargo_test_env(
         &["--workspace", "--all-features", "--all-targets"],
@@ -648,6 +682,7 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Task::Bench { quick } => bench::bench(quick),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::Dist => dist(),
         Task::Patches { action } => match action {
             PatchTask::Check => kernel::patches_check(),
