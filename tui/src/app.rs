@@ -61,6 +61,9 @@ pub enum Action {
     /// A source's clock reads this (ns, the clock its events are stamped with). In the
     /// interactive view a tick samples the rates of that source's VMs.
     Tick(tdpshare::Source, u64),
+    /// How far a replay or simulation has played, 0.0–1.0 (of the trace file's bytes, or of
+    /// the simulated events).
+    Progress(tdpshare::Source, f64),
     /// Sample every source's rates now (headless: at each print, so rates cover the printed
     /// interval).
     Sample,
@@ -174,6 +177,11 @@ pub struct App {
     pub filter_error: Option<String>,
     pub classes: BTreeSet<Path>,
     pub help: bool,
+    /// Lines the help is scrolled down (↑/↓, PgUp/PgDn while it is open).
+    pub help_offset: usize,
+    /// Lines the help showed last and has in all (set by the renderer): scrolling stops at
+    /// its end.
+    pub help_height: std::cell::Cell<(usize, usize)>,
     pub quit: bool,
     pub probes: Vec<ProbeRow>,
     pub drops: u64,
@@ -189,6 +197,8 @@ pub struct App {
     pub clocks: std::collections::BTreeMap<SourceKey, u64>,
     /// Ticks sample rates (the interactive view); headless samples at each print instead.
     pub sample_on_tick: bool,
+    /// How far each replay or simulation has played, 0.0–1.0.
+    pub progress: std::collections::BTreeMap<SourceKey, f64>,
 }
 
 impl App {
@@ -211,6 +221,8 @@ impl App {
             filter_error: None,
             classes: CLASSES.into_iter().collect(),
             help: false,
+            help_offset: 0,
+            help_height: std::cell::Cell::new((20, 0)),
             quit: false,
             probes: Vec::new(),
             drops: 0,
@@ -222,7 +234,50 @@ impl App {
             events: 0,
             clocks: std::collections::BTreeMap::new(),
             sample_on_tick: true,
+            progress: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// The three paths summed over every VM: pre-populations, new roots, fast zaps, IOTLB
+    /// flushes.
+    pub fn totals(&self) -> [(&'static str, u64); 4] {
+        let mut t = [0u64; 4];
+        for r in self.overview.rows(None) {
+            let s = &r.stats;
+            for (acc, v) in t.iter_mut().zip([
+                s.prepopulations,
+                s.root_updates(),
+                s.fast_zaps,
+                s.iotlb_flushes,
+            ]) {
+                *acc += v;
+            }
+        }
+        [
+            ("prepops", t[0]),
+            ("roots", t[1]),
+            ("fast zaps", t[2]),
+            ("flushes", t[3]),
+        ]
+    }
+
+    /// Probe health: attached, of how many, and how many failed or were denied (absent ones —
+    /// tracepoints this kernel does not have — are no fault).
+    pub fn probe_health(&self) -> (usize, usize, usize) {
+        let attached = self.probes.iter().filter(|p| p.state == "attached").count();
+        let bad = self
+            .probes
+            .iter()
+            .filter(|p| p.state.starts_with("failed") || p.state.starts_with("denied"))
+            .count();
+        (attached, self.probes.len(), bad)
+    }
+
+    /// Scrolls the help `by` lines (negative: up), within its length.
+    fn scroll_help(&mut self, by: isize) {
+        let (shown, total) = self.help_height.get();
+        let max = total.saturating_sub(shown.max(1));
+        self.help_offset = self.help_offset.saturating_add_signed(by).min(max);
     }
 
     /// The sort column, `None` for the VM id order.
@@ -369,6 +424,10 @@ impl App {
                     self.overview.sample(source, *clock);
                 }
             }
+            Action::Progress(source, done) => {
+                self.progress
+                    .insert(SourceKey(source), done.clamp(0.0, 1.0));
+            }
             Action::Sample => {
                 for (k, &now) in &self.clocks {
                     self.overview.sample(k.0, now);
@@ -377,6 +436,14 @@ impl App {
             Action::Quit => self.quit = true,
             Action::NextView => self.view = self.view.step(1),
             Action::PrevView => self.view = self.view.step(-1),
+            Action::Up if self.help => self.scroll_help(-1),
+            Action::Down if self.help => self.scroll_help(1),
+            Action::PageUp if self.help => {
+                self.scroll_help(-(self.help_height.get().0.max(1) as isize));
+            }
+            Action::PageDown if self.help => {
+                self.scroll_help(self.help_height.get().0.max(1) as isize);
+            }
             Action::Up => match self.view {
                 View::Log => self.scroll_log(1),
                 _ => self.move_selection(-1),
@@ -412,7 +479,10 @@ impl App {
             Action::SortNext => self.sort = (self.sort + 1) % COLUMNS.len(),
             Action::SortPrev => self.sort = (self.sort + COLUMNS.len() - 1) % COLUMNS.len(),
             Action::TogglePause => self.paused = !self.paused,
-            Action::ToggleHelp => self.help = !self.help,
+            Action::ToggleHelp => {
+                self.help = !self.help;
+                self.help_offset = 0;
+            }
             Action::FilterStart => {
                 self.view = View::Log;
                 self.filter_input = Some(

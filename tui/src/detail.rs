@@ -44,6 +44,20 @@ impl Series {
     pub fn values(&self) -> Vec<u64> {
         self.buckets.iter().copied().collect()
     }
+
+    /// The buckets up to second `now` of the source's clock, oldest first: the seconds since
+    /// the last event are idle ones, not left out (a quiet VM's line runs down to zero rather
+    /// than showing its last burst as current).
+    pub fn values_at(&self, now: u64, window: usize) -> Vec<u64> {
+        let mut v = self.values();
+        if let Some(last) = self.last_second {
+            let idle = now.saturating_sub(last).min(window as u64) as usize;
+            v.extend(std::iter::repeat_n(0, idle));
+        }
+        let keep = v.len().saturating_sub(window.max(1));
+        v.drain(..keep);
+        v
+    }
 }
 
 /// A root the VM has now.
@@ -154,6 +168,20 @@ impl VmDetail {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn idle_seconds_up_to_the_clock_count_as_zero() {
+        let mut s = Series::default();
+        s.add(3, 5, 60);
+        s.add(4, 7, 60);
+        assert_eq!(s.values_at(4, 60), [5, 7]);
+        // Two quiet seconds later the line ends at zero, not at the last burst.
+        assert_eq!(s.values_at(6, 60), [5, 7, 0, 0]);
+        // The window still bounds it.
+        assert_eq!(s.values_at(100, 3), [0, 0, 0]);
+        assert!(Series::default().values_at(9, 60).is_empty());
+    }
+
     use super::*;
     use tdpshare::event::{Root, RootCause, Source};
 

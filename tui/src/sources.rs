@@ -139,23 +139,31 @@ fn nap(due: Duration, elapsed: Duration) -> Duration {
     due.saturating_sub(elapsed).min(Duration::from_millis(50))
 }
 
-/// Sends events paced by their timestamps; ticks every second of event time.
+/// Sends events paced by their timestamps; ticks every second of event time, each with how
+/// far the stream has played (`progress`, given the events sent so far).
 fn pace_and_send(
     events: impl Iterator<Item = Event>,
     pace: Pace,
     tx: &Sender<Action>,
     stop: &AtomicBool,
     step: Option<&Receiver<()>>,
+    progress: &dyn Fn(u64) -> f64,
 ) {
     let start = Instant::now();
     let mut next_tick = 0u64;
+    let mut sent = 0u64;
     // Ticks run on the clock of the events they pace.
-    let mut clock: tdpshare::Source;
+    let mut clock = None;
+    let report = |clock: Option<tdpshare::Source>, sent: u64| {
+        if let Some(c) = clock {
+            let _ = tx.send(Action::Progress(c, progress(sent)));
+        }
+    };
     for e in events {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        clock = e.source;
+        let clock = *clock.insert(e.source);
         match pace {
             Pace::Unpaced => {}
             Pace::Speed(speed) => {
@@ -167,6 +175,7 @@ fn pace_and_send(
                     let event_now = (start.elapsed().as_nanos() as f64 * speed) as u64;
                     if event_now >= next_tick {
                         let _ = tx.send(Action::Tick(clock, event_now));
+                        report(Some(clock), sent);
                         next_tick = event_now + 1_000_000_000;
                     }
                     std::thread::sleep(nap(due, start.elapsed()));
@@ -178,13 +187,35 @@ fn pace_and_send(
                 }
             }
         }
+        let mut ticked = false;
         while e.ts_ns >= next_tick {
             let _ = tx.send(Action::Tick(clock, next_tick));
             next_tick += 1_000_000_000;
+            ticked = true;
         }
         if tx.send(Action::Event(e)).is_err() {
             return;
         }
+        sent += 1;
+        if ticked || pace == Pace::Step {
+            report(Some(clock), sent);
+        }
+    }
+    report(clock, sent);
+}
+
+/// A reader that counts the bytes read through it (a replay's progress through its file).
+#[derive(Debug)]
+struct Counted<R> {
+    inner: R,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -197,9 +228,27 @@ pub fn replay(
     tx: Sender<Action>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let reader = TraceReader::open(&path)
+    let file = std::fs::File::open(&path).map_err(|source| tdpshare::TraceError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let size = file.metadata().map_or(0, |m| m.len());
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Counted {
+        inner: file,
+        read: read.clone(),
+    };
+    let reader = TraceReader::new(std::io::BufReader::new(counted))
         .with_context(|| format!("opening {}", path.display()))?
         .skip_unknown(skip_unknown);
+    // Bytes read ahead by the buffer count as played: at most its 8 KiB early.
+    let progress = move |_sent: u64| {
+        if size == 0 {
+            1.0
+        } else {
+            read.load(Ordering::Relaxed) as f64 / size as f64
+        }
+    };
     let stop = sources.stop.clone();
     let (step_tx, step_rx) = std::sync::mpsc::channel();
     if pace == Pace::Step {
@@ -216,7 +265,7 @@ pub fn replay(
                 None
             }
         });
-        pace_and_send(events, pace, &tx, &stop, Some(&step_rx));
+        pace_and_send(events, pace, &tx, &stop, Some(&step_rx), &progress);
         let skipped = reader.skipped_unknown();
         if skipped > 0 {
             let _ = tx.send(Action::Note(format!(
@@ -289,7 +338,10 @@ pub fn simulate(
             }
             other => other,
         };
-        pace_and_send(all.into_iter(), pace, &tx, &stop, None);
+        let total = all.len().max(1) as f64;
+        pace_and_send(all.into_iter(), pace, &tx, &stop, None, &|sent| {
+            sent as f64 / total
+        });
         let _ = tx.send(Action::Note(format!(
             "simulation of {} finished",
             scenario.name
@@ -474,6 +526,59 @@ mod tests {
                 if m.contains("the test source crashed: boom in the worker"))),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_replay_and_a_simulation_report_their_progress_to_the_end() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/traces/live-seabios-qemu-512m.jsonl"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = Sources::new();
+        replay(&mut s, fixture.into(), Pace::Unpaced, false, tx).unwrap();
+        while !s.finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s.shutdown();
+        let progress: Vec<f64> = rx
+            .try_iter()
+            .filter_map(|a| match a {
+                Action::Progress(tdpshare::Source::Live, p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert!(progress.len() >= 2, "{progress:?}");
+        assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+        assert_eq!(progress.last(), Some(&1.0));
+
+        let scenario = Scenario::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../kmod/scenarios/refused.toml"
+        )))
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = Sources::new();
+        simulate(
+            &mut s,
+            scenario,
+            vec![ShareMode::PinPrepopulate],
+            Pace::Unpaced,
+            1.0,
+            tx,
+        );
+        while !s.finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s.shutdown();
+        let last = rx
+            .try_iter()
+            .filter_map(|a| match a {
+                Action::Progress(_, p) => Some(p),
+                _ => None,
+            })
+            .last();
+        assert_eq!(last, Some(1.0));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::overview::{COLUMNS, VmRow};
 /// Draws everything.
 pub fn render(frame: &mut Frame<'_>, app: &App) {
     let [header, body, footer] = Layout::vertical([
-        Constraint::Length(1),
+        Constraint::Length(2),
         Constraint::Min(3),
         Constraint::Length(1),
     ])
@@ -28,11 +28,13 @@ pub fn render(frame: &mut Frame<'_>, app: &App) {
     }
     render_footer(frame, footer, app);
     if app.help {
-        render_help(frame, body);
+        render_help(frame, body, app);
     }
 }
 
 fn render_header(frame: &mut Frame<'_>, area: Rect, app: &App) {
+    let [tabs_area, summary_area] =
+        Layout::vertical([Constraint::Length(1), Constraint::Length(1)]).areas(area);
     let tabs: Vec<Span<'_>> = View::ALL
         .iter()
         .flat_map(|v| {
@@ -49,40 +51,131 @@ fn render_header(frame: &mut Frame<'_>, area: Rect, app: &App) {
         .collect();
     let mut spans = vec![Span::styled("sharetop ", Style::new().bold())];
     spans.extend(tabs);
-    // Each source's clock (event time): how far a replay or simulation has played.
-    let clocks: Vec<String> = app
-        .clocks
-        .iter()
-        .map(|(k, &ns)| format!("{} {:.1} s", crate::app::source_name(k.0), ns as f64 / 1e9))
-        .collect();
-    spans.push(Span::raw(format!(
-        "{} | {} VMs | {} events{}",
-        app.source,
-        app.overview.len(),
-        app.events,
-        if clocks.is_empty() {
-            String::new()
-        } else {
-            format!(" | t: {}", clocks.join(", "))
-        }
-    )));
     if !app.failures.is_empty() {
         spans.push(Span::styled(
-            format!(" {} FAILED", app.failures.len()),
+            format!("{} FAILED ", app.failures.len()),
             Style::new().fg(Color::Red).bold(),
         ));
     }
     if app.paused {
         spans.push(Span::styled(
-            " PAUSED",
+            "PAUSED ",
             Style::new().fg(Color::Yellow).bold(),
         ));
     }
-    frame.render_widget(Line::from(spans), area);
+    spans.push(Span::styled(
+        app.source.clone(),
+        Style::new().fg(Color::DarkGray),
+    ));
+    frame.render_widget(Line::from(spans), tabs_area);
+    frame.render_widget(
+        Line::from(fit_pieces(summary(app), summary_area.width as usize)),
+        summary_area,
+    );
+}
+
+/// The summary line's pieces, in display order, each with its rank (0 first): what a narrow
+/// terminal keeps.
+fn summary(app: &App) -> Vec<(u8, Vec<Span<'static>>)> {
+    let bold = Style::new().bold();
+    let mut out = Vec::new();
+    // Each source's clock (event time) and how far a replay or simulation has played.
+    let clocks: Vec<String> = app
+        .clocks
+        .iter()
+        .map(|(k, &ns)| {
+            let progress = app
+                .progress
+                .get(k)
+                .map(|p| format!(" {:.0}%", p * 100.0))
+                .unwrap_or_default();
+            format!(
+                "{} {:.1} s{progress}",
+                crate::app::source_name(k.0),
+                ns as f64 / 1e9
+            )
+        })
+        .collect();
+    if !clocks.is_empty() {
+        out.push((0, vec![Span::raw(format!("t {}", clocks.join(", ")))]));
+    }
+    let mut totals = Vec::new();
+    for (i, (name, n)) in app.totals().into_iter().enumerate() {
+        if i > 0 {
+            totals.push(Span::raw(" "));
+        }
+        totals.push(Span::raw(format!("{name} ")));
+        totals.push(Span::styled(n.to_string(), bold));
+    }
+    out.push((1, totals));
+    if !app.probes.is_empty() || app.drops > 0 {
+        let style = if app.drops > 0 {
+            Style::new().fg(Color::Red).bold()
+        } else {
+            Style::new()
+        };
+        out.push((2, vec![Span::styled(format!("drops {}", app.drops), style)]));
+    }
+    if !app.probes.is_empty() {
+        let (attached, total, bad) = app.probe_health();
+        let mut piece = vec![Span::raw(format!("probes {attached}/{total}"))];
+        if bad > 0 {
+            piece.push(Span::styled(
+                format!(" {bad} failed"),
+                Style::new().fg(Color::Red).bold(),
+            ));
+        }
+        out.push((3, piece));
+    }
+    out.push((
+        4,
+        vec![Span::raw(format!(
+            "{} VMs, {} events",
+            app.overview.len(),
+            app.events
+        ))],
+    ));
+    if app.cpu_percent > 0.0 {
+        out.push((5, vec![Span::raw(format!("cpu {:.1}%", app.cpu_percent))]));
+    }
+    out
+}
+
+/// The pieces that fit `width` with their separators, taken by rank, shown in their order.
+fn fit_pieces(pieces: Vec<(u8, Vec<Span<'static>>)>, width: usize) -> Vec<Span<'static>> {
+    const SEP: &str = " │ ";
+    let len = |p: &[Span<'_>]| p.iter().map(|s| s.content.chars().count()).sum::<usize>();
+    let mut ranks: Vec<(u8, usize)> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, (r, _))| (*r, i))
+        .collect();
+    ranks.sort_unstable();
+    let mut keep = vec![false; pieces.len()];
+    let mut used = 0;
+    for (_, i) in ranks {
+        let w = len(&pieces[i].1) + if used > 0 { SEP.chars().count() } else { 0 };
+        if used + w <= width {
+            used += w;
+            keep[i] = true;
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (_, piece)) in pieces.into_iter().enumerate() {
+        if keep[i] {
+            if !out.is_empty() {
+                out.push(Span::styled(SEP, Style::new().fg(Color::DarkGray)));
+            }
+            out.extend(piece);
+        }
+    }
+    out
 }
 
 fn render_footer(frame: &mut Frame<'_>, area: Rect, app: &App) {
-    let text = if let Some(input) = &app.filter_input {
+    let text = if app.help {
+        "Esc / ? close the help  ↑↓ PgUp PgDn scroll it".to_owned()
+    } else if let Some(input) = &app.filter_input {
         format!("filter (regex, Enter to apply, Esc to cancel): {input}_")
     } else if let Some(err) = &app.filter_error {
         err.clone()
@@ -194,7 +287,127 @@ fn render_overview(frame: &mut Frame<'_>, area: Rect, app: &App) {
         })
         .collect();
     let widths: Vec<Constraint> = cols.iter().map(|&(_, w)| Constraint::Length(w)).collect();
-    frame.render_widget(Table::new(body, widths).header(header).block(block), area);
+    // The table takes what its rows need; the rows left over show each VM's activity.
+    let table_h = (rows.len() as u16).saturating_add(3);
+    let (table_area, activity) = if area.height >= table_h + ACTIVITY_MIN {
+        let [t, a] =
+            Layout::vertical([Constraint::Length(table_h), Constraint::Min(0)]).areas(area);
+        (t, Some(a))
+    } else {
+        (area, None)
+    };
+    frame.render_widget(
+        Table::new(body, widths).header(header).block(block),
+        table_area,
+    );
+    if let Some(a) = activity {
+        render_activity(frame, a, app, &rows);
+    }
+}
+
+/// Rows the activity panel needs at least: borders, its heading, one VM.
+const ACTIVITY_MIN: u16 = 4;
+
+/// The three paths' activity per VM as sparklines over the window, newest at the right edge;
+/// each VM gets up to four rows when there is room, one when there is not.
+fn render_activity(frame: &mut Frame<'_>, area: Rect, app: &App, rows: &[&VmRow]) {
+    let window = rows.first().map_or(app.window, |r| r.detail.window);
+    let block = Block::bordered().title(format!(
+        " per second over the last {window} s (+/-), newest right; numbers: peaks "
+    ));
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    const LABEL: u16 = 18;
+    const PEAK: u16 = 7;
+    let cell_w = inner.width.saturating_sub(LABEL) / 3;
+    let spark_w = cell_w.saturating_sub(PEAK + 1);
+    if spark_w < 4 || inner.height < 2 {
+        return;
+    }
+    let [heading, mut rest] =
+        Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(inner);
+    let titles = if cell_w >= 26 {
+        ["pre-population entries", "root updates", "IOTLB flushes"]
+    } else {
+        ["prepop entries", "roots", "flushes"]
+    };
+    let mut spans = vec![Span::raw(" ".repeat(LABEL as usize))];
+    for t in titles {
+        let t: String = t.chars().take(cell_w as usize).collect();
+        spans.push(Span::styled(
+            format!("{t:<w$}", w = cell_w as usize),
+            Style::new().bold(),
+        ));
+    }
+    frame.render_widget(Line::from(spans), heading);
+    let per_vm = (rest.height / rows.len().max(1) as u16).clamp(1, 4);
+    for r in rows {
+        if rest.height < per_vm {
+            break;
+        }
+        let [vm_area, below] =
+            Layout::vertical([Constraint::Length(per_vm), Constraint::Min(0)]).areas(rest);
+        rest = below;
+        let now = r
+            .source
+            .and_then(|s| app.clocks.get(&crate::app::SourceKey(s)))
+            .map_or(0, |ns| ns / 1_000_000_000);
+        let label = if r.name.is_empty() {
+            format!("{}", r.vm)
+        } else {
+            format!("{} {}", r.vm, r.name)
+        };
+        let label: String = label.chars().take(LABEL as usize - 1).collect();
+        let style = if Some(r.vm) == app.selected {
+            Style::new().add_modifier(Modifier::REVERSED)
+        } else {
+            Style::new()
+        };
+        let [label_area, cells] =
+            Layout::horizontal([Constraint::Length(LABEL), Constraint::Min(0)]).areas(vm_area);
+        frame.render_widget(
+            Line::from(Span::styled(label, style)),
+            Rect {
+                height: 1,
+                ..label_area
+            },
+        );
+        let d = &r.detail;
+        let cell_areas = Layout::horizontal([Constraint::Length(cell_w); 3]).split(cells);
+        for (cell, series) in
+            cell_areas
+                .iter()
+                .zip([&d.prepopulation, &d.root_updates, &d.iotlb_flushes])
+        {
+            let values = series.values_at(now, d.window);
+            let peak = values.iter().copied().max().unwrap_or(0);
+            let shown = right_aligned(fit(&values, d.window, spark_w as usize), spark_w);
+            let [spark, number] =
+                Layout::horizontal([Constraint::Length(spark_w), Constraint::Length(PEAK + 1)])
+                    .areas(*cell);
+            frame.render_widget(
+                Sparkline::default()
+                    .data(&shown)
+                    .style(Style::new().fg(Color::Cyan)),
+                spark,
+            );
+            frame.render_widget(
+                Line::from(format!("{peak:>w$} ", w = PEAK as usize)),
+                Rect {
+                    y: number.y + number.height.saturating_sub(1),
+                    height: 1,
+                    ..number
+                },
+            );
+        }
+    }
+}
+
+/// `values` padded with zeros in front to `width`: the newest value at the right edge, so that
+/// every VM's line ends at its clock's "now".
+fn right_aligned(values: Vec<u64>, width: u16) -> Vec<u64> {
+    let pad = (width as usize).saturating_sub(values.len());
+    std::iter::repeat_n(0, pad).chain(values).collect()
 }
 
 /// p50 / p99 / max of a histogram, in µs.
@@ -275,17 +488,21 @@ fn render_detail(frame: &mut Frame<'_>, area: Rect, app: &App) {
     let [sparks, rest] = Layout::vertical([Constraint::Length(6), Constraint::Min(3)]).areas(inner);
     let [s1, s2, s3] = Layout::vertical([Constraint::Length(2); 3]).areas(sparks);
     let d = &row.detail;
+    let now = row
+        .source
+        .and_then(|s| app.clocks.get(&crate::app::SourceKey(s)))
+        .map_or(0, |ns| ns / 1_000_000_000);
     for (rect, title, series) in [
         (s1, "pre-population (entries/s)", &d.prepopulation),
         (s2, "root updates (/s)", &d.root_updates),
         (s3, "IOTLB flushes (/s)", &d.iotlb_flushes),
     ] {
-        let values = series.values();
+        let values = series.values_at(now, d.window);
         let last = values.last().copied().unwrap_or(0);
         let [label, spark] =
             Layout::horizontal([Constraint::Length(34), Constraint::Min(4)]).areas(rect);
         frame.render_widget(
-            Line::from(format!("{title} {last:>6}")).style(Style::new().bold()),
+            Line::from(format!("{title:<27}{last:>6}")).style(Style::new().bold()),
             label,
         );
         let shown = fit(&values, row.detail.window, spark.width as usize);
@@ -476,7 +693,7 @@ fn render_probes(frame: &mut Frame<'_>, area: Rect, app: &App) {
     );
 }
 
-fn render_help(frame: &mut Frame<'_>, area: Rect) {
+fn render_help(frame: &mut Frame<'_>, area: Rect, app: &App) {
     let keys = [
         "q            quit",
         "?            this help (Esc closes)",
@@ -492,6 +709,7 @@ fn render_help(frame: &mut Frame<'_>, area: Rect) {
         "PgUp PgDn    scroll the log by a page (stops at its start)",
         "← → h l      overview: more columns; log: long lines sideways",
         "n            next event (replay --step)",
+        "↑ ↓ PgUp PgDn  (in this help) scroll it",
     ];
     let mut text: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
     text.push(String::new());
@@ -507,14 +725,28 @@ fn render_help(frame: &mut Frame<'_>, area: Rect) {
         width: w,
         height: h,
     };
+    let shown = rect.height.saturating_sub(2) as usize;
+    app.help_height.set((shown, text.len()));
+    let offset = app.help_offset.min(text.len().saturating_sub(shown));
+    let title = if shown < text.len() {
+        format!(
+            " keys — lines {}–{} of {} (↑↓ PgUp PgDn) ",
+            offset + 1,
+            (offset + shown).min(text.len()),
+            text.len()
+        )
+    } else {
+        " keys ".to_owned()
+    };
     frame.render_widget(Clear, rect);
     frame.render_widget(
         Paragraph::new(
             text.iter()
+                .skip(offset)
                 .map(|l| Line::from(l.as_str()))
                 .collect::<Vec<_>>(),
         )
-        .block(Block::bordered().title(" keys ")),
+        .block(Block::bordered().title(title)),
         rect,
     );
 }

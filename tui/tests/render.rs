@@ -161,7 +161,7 @@ fn tiny_terminals_do_not_panic() {
 fn the_three_paths_fit_80_columns_and_the_rest_scroll_in() {
     let mut app = fixture_app();
     let screen = render(&app, 80, 24);
-    let header = screen.lines().nth(2).unwrap_or_default().to_owned();
+    let header = screen.lines().nth(3).unwrap_or_default().to_owned();
     for title in ["prepops", "roots", "flushes"] {
         assert!(
             header.contains(title),
@@ -174,9 +174,74 @@ fn the_three_paths_fit_80_columns_and_the_rest_scroll_in() {
         app.update(Action::Right);
     }
     let scrolled = render(&app, 80, 24);
-    let header = scrolled.lines().nth(2).unwrap_or_default().to_owned();
+    let header = scrolled.lines().nth(3).unwrap_or_default().to_owned();
     assert!(
         header.contains("VM") && header.contains("memslots") && header.contains("sharing"),
         "{header}"
     );
+}
+
+#[test]
+fn the_help_scrolls_to_its_last_line_at_80x24() {
+    let mut app = fixture_app();
+    app.update(Action::ToggleHelp);
+    let first = render(&app, 80, 24);
+    assert!(first.contains("lines 1–19 of"), "{first}");
+    assert!(!first.contains("sharing state"), "{first}");
+    for _ in 0..100 {
+        app.update(Action::Down);
+        render(&app, 80, 24);
+    }
+    let last = render(&app, 80, 24);
+    assert!(last.contains("sharing state"), "{last}");
+    assert!(!last.contains("│q            quit"), "{last}");
+    // Back up a page at a time, to the top.
+    for _ in 0..3 {
+        app.update(Action::PageUp);
+    }
+    assert!(render(&app, 80, 24).contains("│q            quit"));
+    // The selection did not move while the help scrolled.
+    assert_eq!(app.selected, Some(17765));
+}
+
+#[test]
+fn the_summary_line_keeps_what_matters_most_when_narrow() {
+    let mut app = fixture_app();
+    app.update(Action::Progress(Source::Simulator, 0.5));
+    let wide = render(&app, 160, 48);
+    let line = wide.lines().nth(1).unwrap();
+    for piece in [
+        "simulator 12.0 s 50%",
+        "prepops 12 roots 17 fast zaps 12 flushes 30",
+        "drops 3",
+        "probes 1/3",
+        "2 VMs, 135 events",
+        "cpu 1.5%",
+    ] {
+        assert!(line.contains(piece), "{piece:?} missing: {line}");
+    }
+    let narrow = render(&app, 80, 24);
+    let line = narrow.lines().nth(1).unwrap();
+    assert!(line.contains("live 4.9 s"), "{line}");
+    assert!(line.contains("flushes 30"), "{line}");
+    assert!(!line.contains("cpu"), "{line}");
+}
+
+#[test]
+fn every_vm_gets_its_sparklines_in_the_free_rows() {
+    let app = fixture_app();
+    let screen = render(&app, 160, 48);
+    let panel: Vec<&str> = screen
+        .lines()
+        .skip_while(|l| !l.contains("newest right"))
+        .collect();
+    assert!(!panel.is_empty(), "{screen}");
+    assert!(panel.iter().any(|l| l.contains("1000 sim pin_prep")));
+    assert!(panel.iter().any(|l| l.contains("17765 seabios")));
+    // The simulated VM's 5196 entries peak, and bars.
+    assert!(panel.iter().any(|l| l.contains("5196")), "{screen}");
+    assert!(panel.iter().any(|l| l.contains('█')));
+    // Too few free rows: no panel, the table keeps the space.
+    let small = render(&app, 80, 10);
+    assert!(!small.contains("newest right"), "{small}");
 }
