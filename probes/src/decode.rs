@@ -486,7 +486,8 @@ impl Decoder {
                     .prefault_maps
                     .entry(r.tid)
                     .or_insert((0, PageSize::Size4K));
-                acc.0 += entries;
+                // A record's count is the kernel's to write: a corrupt one saturates the sum.
+                acc.0 = acc.0.saturating_add(entries);
                 if size.bytes() > acc.1.bytes() {
                     acc.1 = size;
                 }
@@ -963,6 +964,35 @@ print fmt: \"%s\", __get_str(iommu)
                 ns: 900
             }
         );
+    }
+
+    /// Found by the record_decoder fuzz target: two prepopulate records whose entry counts
+    /// sum past u64 overflowed the fold (a panic with overflow checks, a wrong count without).
+    #[test]
+    fn absurd_entry_counts_saturate_instead_of_overflowing() {
+        let mut d = series_decoder();
+        let huge = record(
+            ProbeId::TdpsharePrepopulate,
+            &[
+                (8, &0x200u64.to_le_bytes()),
+                (16, &0x400u64.to_le_bytes()),
+                (24, &1u32.to_le_bytes()),
+                (32, &u64::MAX.to_le_bytes()),
+            ],
+        );
+        assert!(d.decode(&huge).is_empty());
+        assert!(d.decode(&huge).is_empty());
+        let ev = d.decode(&record(
+            ProbeId::IoctlPreFaultMemory,
+            &[(8, &0x1000u64.to_le_bytes())],
+        ));
+        assert!(matches!(
+            ev[0].kind,
+            EventKind::PrepopulateEnd {
+                entries: u64::MAX,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -199,8 +199,15 @@ fn parse_field(line: &str) -> Option<Field> {
         Some(open) if decl.ends_with(']') => decl.split_at(open),
         _ => (decl, ""),
     };
-    let split = base.rfind(|c: char| c.is_whitespace() || c == '*')?;
-    let (c_type, name) = (base[..=split].trim(), base[split + 1..].trim());
+    // Split after the separator character, whatever its width: a format file is the running
+    // kernel's text, and `char::is_whitespace` takes more than ASCII spaces (U+00A0 is two
+    // bytes).
+    let (at, sep) = base
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| c.is_whitespace() || c == '*')?;
+    let split = at + sep.len_utf8();
+    let (c_type, name) = (base[..split].trim(), base[split..].trim());
     let c_type = format!("{c_type}{suffix}");
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return None;
@@ -304,6 +311,17 @@ mod tests {
             ("device", "__data_loc char[]")
         );
         assert!(parse_field("field:u64;\toffset:8;\tsize:8;\tsigned:0;").is_none());
+    }
+
+    /// Found by the tracefs_format fuzz target: a declaration split at a two-byte whitespace
+    /// character (U+00A0) sliced inside it and panicked.
+    #[test]
+    fn a_wide_whitespace_character_in_a_declaration_splits_cleanly() {
+        let f = parse_field("field:u64\u{a0}gfn;\toffset:8;\tsize:8;\tsigned:0;").unwrap();
+        assert_eq!((f.c_type.as_str(), f.name.as_str()), ("u64", "gfn"));
+        assert!(parse_field("field:\u{a0}_;\toffset:0;\tsize:-;\tsigned:0;").is_none());
+        let text = "name: x\nID: 1\nformat:\n\tfield:ign\u{a0}_lfie\u{a0}<;\toffset:2;\tsize:8;\tsigned:0;\n";
+        let _ = Format::parse("kvm", text);
     }
 
     #[test]
