@@ -38,7 +38,7 @@ impl Ty {
 }
 
 /// Every column: name, type, meaning. The order is the frame's column order.
-pub const SCHEMA: [(&str, Ty, &str); 45] = [
+pub const SCHEMA: [(&str, Ty, &str); 46] = [
     (
         "trace",
         Ty::Str,
@@ -160,6 +160,7 @@ pub const SCHEMA: [(&str, Ty, &str); 45] = [
         Ty::U64,
         "cr_write: the value written, when the tracepoint carries it",
     ),
+    ("name", Ty::Str, "vm_name: the VM's name (its VMM's -name)"),
 ];
 
 /// Column positions in [`SCHEMA`].
@@ -209,6 +210,7 @@ pub mod c {
     pub const ENTER: usize = 42;
     pub const CR: usize = 43;
     pub const VALUE: usize = 44;
+    pub const NAME: usize = 45;
 }
 
 /// The columns that are Hive partitions in the exported dataset (`host=…/date=…/`).
@@ -483,6 +485,7 @@ impl Builder {
                     self.u(c::VALUE, *v);
                 }
             }
+            EventKind::VmName { name } => self.s(c::NAME, name.as_str()),
         }
     }
 
@@ -790,6 +793,9 @@ fn event_at(cols: &Cols, row: usize) -> Result<Event, RowError> {
             cr: narrow(c::CR, u(c::CR)?)? as u8,
             value: uo(c::VALUE),
         },
+        "vm_name" => EventKind::VmName {
+            name: parse(c::NAME)?,
+        },
         other => return Err(invalid(c::TYPE, other)),
     };
     let source_text = parse(c::SOURCE)?;
@@ -825,7 +831,7 @@ mod tests {
         for (i, n) in pairs {
             assert_eq!(name(i), n);
         }
-        assert_eq!(c::VALUE + 1, SCHEMA.len());
+        assert_eq!(c::NAME + 1, SCHEMA.len());
     }
 
     #[test]

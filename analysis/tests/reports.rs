@@ -239,6 +239,9 @@ fn rows_turn_back_into_the_same_events() {
     let mut inputs = vec![
         fixture("live-seabios-qemu-512m.jsonl"),
         fixture("linux-boot-q35-8g.linux.jsonl"),
+        // One event of every type (the trace reader's fuzz seed).
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/seeds/trace_reader/every-kind.jsonl"),
     ];
     for mode in ShareMode::ALL {
         inputs.push(simulate(&scenario, mode, &dir));
@@ -636,4 +639,17 @@ fn a_reader_that_goes_away_is_not_an_error() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn the_summary_names_each_vm_and_does_not_count_its_name() {
+    let every =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/trace_reader/every-kind.jsonl");
+    let rows = tdpshare_analysis::report::summary::metrics(&open(&[every])).unwrap();
+    let live = rows.iter().find(|r| r.1 == 136).expect("the live VM");
+    assert_eq!(live.2, "seabios-512m");
+    // Seven events besides its name.
+    assert_eq!(live.4[0], 7.0);
+    let sim = rows.iter().find(|r| r.1 == 1).expect("the simulated VM");
+    assert_eq!(sim.2, "");
 }

@@ -199,6 +199,7 @@ fn kind() -> impl Strategy<Value = EventKind> {
             proptest::option::of(any::<u64>())
         )
             .prop_map(|(cr, value)| EventKind::CrWrite { cr, value }),
+        ".*".prop_map(|name| EventKind::VmName { name }),
     ]
 }
 

@@ -16,3 +16,4 @@ pub mod loader;
 pub mod rate;
 pub mod record;
 pub mod tracefs;
+pub mod vmm;

@@ -58,7 +58,7 @@ pub struct RecordArgs {
     /// The trace to write (appears when the recording ends; FILE.partial meanwhile).
     #[arg(short, long)]
     pub output: std::path::PathBuf,
-    /// Only this VMM process (it must be running).
+    /// Only this VMM process (it must be running); the recording ends when it exits.
     #[arg(long, value_parser = crate::args::pid)]
     pub pid: Option<u32>,
     /// Stop after this many seconds (default: at Ctrl-C).
@@ -249,10 +249,25 @@ pub fn record_with(
     // Event times count from the first segment's start; later segments' from their own.
     let base_unix = header.start_unix_ns;
     let mut offset = 0u64;
+    let mut namer = crate::vmm::Namer::default();
     loop {
-        let done = stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d);
+        let mut done = stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d);
+        // The one VMM watched has exited: nothing more can come (its last events are read
+        // below).
+        if let Some(pid) = opts.pid
+            && !done
+            && !crate::vmm::running(pid)
+        {
+            status(&format!(
+                "the VMM (pid {pid}) exited: finishing the trace\n"
+            ));
+            done = true;
+        }
         session.poll(&mut events);
         for e in events.drain(..) {
+            if let Some(named) = namer.first(&e, crate::vmm::name) {
+                order.push(named);
+            }
             order.push(e);
         }
         for mut e in order.ready(done) {
@@ -282,6 +297,9 @@ pub fn record_with(
             let header = Header::new(Source::Live, kernel_release());
             offset = header.start_unix_ns.saturating_sub(base_unix);
             trace = TraceFile::create(segment_path(output, segment), &header)?;
+            for e in namer.all(0) {
+                trace.write(&e)?;
+            }
             flushed = Instant::now();
         }
         if flushed.elapsed() >= FLUSH_EVERY {

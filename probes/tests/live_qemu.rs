@@ -138,3 +138,84 @@ fn probes_see_a_real_guest_and_only_it() {
         .expect("memslot ioctl latency histogram");
     assert_eq!(hist.count as usize, adds + deletes);
 }
+
+#[test]
+fn a_recording_of_one_vmm_names_it_and_ends_when_it_exits() {
+    if let Some(reason) = skip_reason() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tdpshare-live-name-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("guest.jsonl");
+    let mut qemu = Command::new("sh")
+        .args([
+            "-c",
+            "read go; exec qemu-system-x86_64 -name guest=named-guest,debug-threads=on \
+             -enable-kvm -m 256M -nographic -nodefaults -display none",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn QEMU");
+    let pid = qemu.id();
+    let recorder = Command::new(env!("CARGO_BIN_EXE_tdpshare-probe"))
+        .args(["record", "--pid", &pid.to_string(), "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = out.with_extension("jsonl.partial");
+    let start = Instant::now();
+    while !partial.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qemu.stdin
+        .take()
+        .unwrap()
+        .write_all(b"go\n")
+        .expect("start QEMU");
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    // No signal to the recorder: the VMM's exit ends it.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(recorder.wait_with_output());
+    });
+    let o = done_rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the recorder went on after its VMM exited")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if stderr.contains("not built") {
+        println!("skipped: eBPF programs not built");
+        return;
+    }
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the VMM (pid {pid}) exited")),
+        "{stderr}"
+    );
+    let events: Vec<_> = tdpshare::TraceReader::open(&out)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(events.len() > 1, "{stderr}");
+    assert_eq!(
+        events[0].kind,
+        EventKind::VmName {
+            name: "named-guest".into()
+        }
+    );
+    assert_eq!(events[0].vm, u64::from(pid));
+    let names = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::VmName { .. }))
+        .count();
+    assert_eq!(names, 1, "one name per VM");
+    let _ = std::fs::remove_dir_all(&dir);
+}

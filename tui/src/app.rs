@@ -386,6 +386,9 @@ impl App {
         match action {
             Action::Event(e) => {
                 self.events += 1;
+                if let EventKind::VmName { name } = &e.kind {
+                    self.overview.set_name(e.vm, name);
+                }
                 let clock = self.clocks.entry(SourceKey(e.source)).or_insert(0);
                 *clock = (*clock).max(e.ts_ns);
                 self.overview.record(&e);
@@ -624,6 +627,7 @@ pub fn log_line(e: &Event, name: &str) -> String {
             Some(v) => format!("cr{cr}={v:#x}"),
             None => format!("cr{cr}=?"),
         },
+        EventKind::VmName { name } => format!("{name:?}"),
     };
     format!("{t:>12.6} {who}{vcpu} {} {detail}", e.kind.name())
 }

@@ -349,22 +349,6 @@ pub fn simulate(
     });
 }
 
-/// The VM name in a VMM's command line (`-name guest=X,...` or `-name X`), else its program.
-pub fn vm_name(pid: u32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = raw
-        .split(|&b| b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    if let Some(i) = args.iter().position(|a| a == "-name") {
-        let v = args.get(i + 1)?;
-        let v = v.strip_prefix("guest=").unwrap_or(v);
-        return Some(v.split(',').next().unwrap_or(v).to_owned());
-    }
-    args.first()
-        .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
-}
-
 /// Is this process root (the probes need CAP_BPF and CAP_PERFMON)?
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -426,16 +410,25 @@ pub fn live(
             return;
         }
         let start = tdpshare_probes::loader::monotonic_ns();
-        let mut named = std::collections::HashSet::new();
+        let mut namer = tdpshare_probes::vmm::Namer::default();
         let mut events = Vec::new();
         let mut last_tick = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        let mut watching = true;
+        while watching && !stop.load(Ordering::Relaxed) {
+            // The one VMM watched has exited: read what it left, then stop.
+            if let Some(p) = pid
+                && !tdpshare_probes::vmm::running(p)
+            {
+                let _ = tx.send(Action::Note(format!(
+                    "the VMM (pid {p}) exited: nothing more to watch live"
+                )));
+                watching = false;
+            }
             session.poll(&mut events);
             for e in events.drain(..) {
-                if named.insert(e.vm)
-                    && let Some(name) = u32::try_from(e.vm).ok().and_then(vm_name)
-                {
-                    let _ = tx.send(Action::VmName(e.vm, name));
+                // Named as the recorder names it, so a replay shows what the live view did.
+                if let Some(named) = namer.first(&e, tdpshare_probes::vmm::name) {
+                    let _ = tx.send(Action::Event(named));
                 }
                 if tx.send(Action::Event(e)).is_err() {
                     return;

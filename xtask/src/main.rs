@@ -444,7 +444,13 @@ fn setup_cargo_fuzz() -> anyhow::Result<()> {
 fn check_fuzz_targets() -> anyhow::Result<()> {
     run(Command::new(env!("CARGO"))
         .current_dir(root())
-        .args(["check", "-q", "--manifest-path", "fuzz/Cargo.toml", "--bins"])
+        .args([
+            "check",
+            "-q",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--bins",
+        ])
         .arg("--target-dir")
         .arg(root().join("target/fuzz-check")))
 }

@@ -36,8 +36,9 @@ fn count(e: Expr) -> Expr {
     e.cast(DataType::UInt64).sum()
 }
 
-/// One VM's figures: trace, VM, source, the metrics in [`METRICS`] order.
-pub type VmMetrics = (String, u64, String, Vec<f64>);
+/// One VM's figures: trace, VM, its name (empty when the trace has none), source, the metrics
+/// in [`METRICS`] order.
+pub type VmMetrics = (String, u64, String, String, Vec<f64>);
 
 /// Per (trace, vm): the metrics, in [`METRICS`] order.
 pub fn metrics(ds: &Dataset) -> PolarsResult<Vec<VmMetrics>> {
@@ -51,7 +52,9 @@ pub fn metrics(ds: &Dataset) -> PolarsResult<Vec<VmMetrics>> {
         .group_by([col("trace"), col("vm")])
         .agg([
             col("source").first().alias("source"),
-            len().cast(DataType::UInt64).alias("m0"),
+            col("name").drop_nulls().first().alias("name"),
+            // The VM's name is who it is, not an event it had.
+            count(col("type").neq(lit("vm_name"))).alias("m0"),
             count(col("path").eq(lit("memslot"))).alias("m1"),
             count(is("memslot_delete")).alias("m2"),
             count(is("fast_zap")).alias("m3"),
@@ -72,6 +75,7 @@ pub fn metrics(ds: &Dataset) -> PolarsResult<Vec<VmMetrics>> {
         .sort(["trace", "vm"], Default::default())
         .collect_streaming()?;
     let (t, v, s) = (strs(&df, "trace")?, u64s(&df, "vm")?, strs(&df, "source")?);
+    let names = strs(&df, "name")?;
     let cols: Vec<Vec<Option<u64>>> = (0..METRICS.len())
         .map(|i| u64s(&df, &format!("m{i}")))
         .collect::<PolarsResult<_>>()?;
@@ -88,6 +92,7 @@ pub fn metrics(ds: &Dataset) -> PolarsResult<Vec<VmMetrics>> {
             (
                 t[r].clone().unwrap_or_default(),
                 v[r].unwrap_or(0),
+                names[r].clone().unwrap_or_default(),
                 s[r].clone().unwrap_or_default(),
                 vals,
             )
@@ -106,18 +111,23 @@ fn cell(i: usize, x: f64) -> Cell {
 /// The summary report.
 pub fn section(ds: &Dataset) -> PolarsResult<Section> {
     let rows = metrics(ds)?;
-    let mut cols = vec!["trace", "vm", "source"];
+    let mut cols = vec!["trace", "vm", "name", "source"];
     cols.extend(METRICS.iter().map(|m| m.0));
     let mut t = Table::new("Per VM", &cols);
-    for (trace, vm, source, vals) in &rows {
-        let mut r = vec![Cell::text(trace), Cell::Int(*vm), Cell::text(source)];
+    for (trace, vm, name, source, vals) in &rows {
+        let mut r = vec![
+            Cell::text(trace),
+            Cell::Int(*vm),
+            Cell::text(name),
+            Cell::text(source),
+        ];
         r.extend(vals.iter().enumerate().map(|(i, &x)| cell(i, x)));
         t.row(r);
     }
-    let events: f64 = rows.iter().map(|r| r.3[0]).sum();
-    let zaps: f64 = rows.iter().map(|r| r.3[3]).sum();
-    let roots: f64 = rows.iter().map(|r| r.3[4]).sum();
-    let full: f64 = rows.iter().map(|r| r.3[7]).sum();
+    let events: f64 = rows.iter().map(|r| r.4[0]).sum();
+    let zaps: f64 = rows.iter().map(|r| r.4[3]).sum();
+    let roots: f64 = rows.iter().map(|r| r.4[4]).sum();
+    let full: f64 = rows.iter().map(|r| r.4[7]).sum();
     let finding = format!(
         "{} VM(s) in {} input(s), {events} events: {zaps} fast zaps, {roots} new roots, {full} \
          full pre-populations.",
@@ -135,7 +145,7 @@ pub fn section(ds: &Dataset) -> PolarsResult<Section> {
 /// Totals of one input over its VMs.
 pub fn totals(ds: &Dataset) -> PolarsResult<Vec<f64>> {
     let mut sum = vec![0.0; METRICS.len()];
-    for (_, _, _, vals) in metrics(ds)? {
+    for (_, _, _, _, vals) in metrics(ds)? {
         for (s, v) in sum.iter_mut().zip(vals) {
             *s += v;
         }

@@ -478,11 +478,17 @@ pub enum EventKind {
         )]
         value: Option<u64>,
     },
+    /// The VM's name: its VMM's `-name` (or its program), as the recorder found it when the
+    /// VM's first event came; written once, before that event. Traces carry no other identity
+    /// than the VMM's pid, which means nothing once the VMM has exited.
+    VmName {
+        name: String,
+    },
 }
 
 impl EventKind {
     /// Every event name (the trace format's `type` tag), in declaration order.
-    pub const NAMES: [&'static str; 27] = [
+    pub const NAMES: [&'static str; 28] = [
         "prepopulate_start",
         "prepopulate_end",
         "root_alloc",
@@ -510,6 +516,7 @@ impl EventKind {
         "io_page_fault",
         "smm_transition",
         "cr_write",
+        "vm_name",
     ];
 
     /// This event's name, as written in trace files.
@@ -547,6 +554,7 @@ impl EventKind {
             EventKind::IoPageFault { .. } => 24,
             EventKind::SmmTransition { .. } => 25,
             EventKind::CrWrite { .. } => 26,
+            EventKind::VmName { .. } => 27,
         }
     }
 
@@ -579,7 +587,8 @@ impl EventKind {
             EventKind::SharingRequested { .. }
             | EventKind::SharingStarted { .. }
             | EventKind::SharingStopped { .. }
-            | EventKind::SharingRefused { .. } => Path::Sharing,
+            | EventKind::SharingRefused { .. }
+            | EventKind::VmName { .. } => Path::Sharing,
         }
     }
 }

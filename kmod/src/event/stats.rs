@@ -138,6 +138,10 @@ impl VmStats {
     }
 
     pub fn record(&mut self, event: &Event) {
+        if let EventKind::VmName { .. } = event.kind {
+            // Who the VM is, not something it did.
+            return;
+        }
         self.events += 1;
         if self.first_ts_ns.is_none_or(|first| event.ts_ns < first) {
             self.first_ts_ns = Some(event.ts_ns);
@@ -212,6 +216,7 @@ impl VmStats {
             }
             EventKind::SmmTransition { .. } => self.smm_transitions += 1,
             EventKind::CrWrite { .. } => self.cr_writes += 1,
+            EventKind::VmName { .. } => {}
         }
     }
 }
