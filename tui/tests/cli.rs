@@ -152,6 +152,57 @@ fn pty_smoke_test() {
     assert!(!after.contains("Overview"), "{after}");
 }
 
+/// `--replay --step` in a real terminal: each `n` plays one event, and `q` quits at once
+/// (it hung: the worker was joined while it still waited for its next step).
+#[test]
+fn pty_step_plays_one_event_per_key_and_quits() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        println!("skipped: tmux is not installed");
+        return;
+    }
+    let session = format!("sharetop-step-{}", std::process::id());
+    let done = std::env::temp_dir().join(format!("{session}.exit"));
+    let _ = std::fs::remove_file(&done);
+    let cmd = format!(
+        "{} --replay {FIXTURE} --step; echo $? > {}; sleep 30",
+        env!("CARGO_BIN_EXE_sharetop"),
+        done.display()
+    );
+    tmux(&["-L", &session, "kill-server"]);
+    let ok = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "120",
+            "-y",
+            "30",
+            &cmd,
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let screen = wait_for(&session, "0 events");
+    assert!(screen.contains("0 VMs, 0 events"), "{screen}");
+    for n in 1..=3 {
+        tmux(&["send-keys", "-t", &session, "n"]);
+        let want = format!("1 VMs, {n} events");
+        let screen = wait_for(&session, &want);
+        assert!(screen.contains(&want), "after {n} steps: {screen}");
+    }
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let start = Instant::now();
+    while !done.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let code = std::fs::read_to_string(&done).unwrap_or_default();
+    tmux(&["kill-session", "-t", &session]);
+    let _ = std::fs::remove_file(&done);
+    assert_eq!(code.trim(), "0", "sharetop --step did not quit on q");
+}
+
 #[test]
 fn a_mode_has_one_spelling_and_the_dashed_alias() {
     let scenario = concat!(
