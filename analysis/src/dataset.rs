@@ -186,27 +186,23 @@ impl Dataset {
     }
 
     /// All rows, sorted by input, VM and time ([`by_time`] of [`Dataset::lazy`]).
-    pub fn sorted(&self) -> LazyFrame {
-        by_time(self.lazy())
+    pub fn sorted(&self) -> PolarsResult<LazyFrame> {
+        Ok(by_time(self.lazy()?))
     }
 
     /// All rows in input order. Filter before sorting ([`by_time`]): a sort of every row and
     /// column of a large trace is what costs memory, not the scan.
-    pub fn lazy(&self) -> LazyFrame {
-        if self.frames.len() == 1 {
-            self.frames[0].clone()
-        } else {
-            match concat(&self.frames, UnionArgs::default()) {
-                Ok(lf) => lf,
-                // Same schema everywhere (checked at load): concat cannot fail; keep the first.
-                Err(_) => self.frames[0].clone(),
-            }
+    pub fn lazy(&self) -> PolarsResult<LazyFrame> {
+        match self.frames.as_slice() {
+            [] => Err(PolarsError::NoData("a dataset without inputs".into())),
+            [one] => Ok(one.clone()),
+            many => concat(many, UnionArgs::default()),
         }
     }
 
     /// The rows of the given event types, sorted, collected.
     pub fn collect_types(&self, types: &[&str]) -> PolarsResult<DataFrame> {
-        collect(by_time(self.lazy().filter(type_in(types))))
+        collect(by_time(self.lazy()?.filter(type_in(types))))
     }
 }
 

@@ -8,6 +8,7 @@
 //! event has no such field. `docs/analysis.md` lists them.
 
 use polars::prelude::*;
+use tdpshare::event::trace::{from_name as untag, name_of as tag};
 use tdpshare::event::{
     FlushScope, GpaRange, Memslot, PrepopCause, Root, RootCause, ShareMode, SpteFlags,
 };
@@ -230,16 +231,6 @@ pub const fn name(i: usize) -> &'static str {
 }
 
 /// A snake_case serde name (the trace format's spelling of an enum value).
-fn tag<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
-}
-
-fn untag<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
-}
 
 enum Buf {
     U(Vec<Option<u64>>),
@@ -511,19 +502,7 @@ impl Builder {
 
 /// `YYYY-MM-DD` (UTC) of a Unix time in nanoseconds.
 pub fn utc_date(unix_ns: u64) -> String {
-    let days = (unix_ns / 86_400_000_000_000) as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}")
+    tdpshare::event::clock::UtcTime::from_unix_ns(unix_ns).date()
 }
 
 /// Why a row could not be turned back into an event.

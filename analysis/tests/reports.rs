@@ -292,9 +292,14 @@ fn the_parquet_dataset_reads_back_in_polars_and_duckdb() {
     let direct = Dataset::open(&traces, &opts)
         .unwrap()
         .sorted()
+        .unwrap()
         .collect()
         .unwrap();
-    let back = open(std::slice::from_ref(&out)).sorted().collect().unwrap();
+    let back = open(std::slice::from_ref(&out))
+        .sorted()
+        .unwrap()
+        .collect()
+        .unwrap();
     assert_eq!(back.height(), total);
     assert!(back.equals_missing(&direct), "{back:?}\n{direct:?}");
     assert_eq!(
@@ -306,6 +311,7 @@ fn the_parquet_dataset_reads_back_in_polars_and_duckdb() {
     assert_eq!(
         open(std::slice::from_ref(&out))
             .lazy()
+            .unwrap()
             .collect()
             .unwrap()
             .height(),
@@ -411,8 +417,8 @@ fn a_large_trace_spills_and_reports_the_same() {
     assert!(std::fs::read_dir(&spill).unwrap().count() >= 9);
     let memory = open(&inputs);
     assert!(memory.spill_dir().is_none());
-    let a = spilled.sorted().collect().unwrap();
-    let b = memory.sorted().collect().unwrap();
+    let a = spilled.sorted().unwrap().collect().unwrap();
+    let b = memory.sorted().unwrap().collect().unwrap();
     assert!(a.equals_missing(&b));
     assert_eq!(
         roots::attribute(&spilled, 1_000_000_000).unwrap(),

@@ -96,12 +96,7 @@ pub enum Action {
 }
 
 /// A value's name as the trace format spells it (`memslot_change`, not `MemslotChange`).
-pub fn tag<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
-}
+pub use tdpshare::event::trace::name_of as tag;
 
 /// A source's name as the trace format spells it.
 pub fn source_name(s: tdpshare::Source) -> &'static str {

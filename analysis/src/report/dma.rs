@@ -24,7 +24,7 @@ pub fn page_size(iova: u64, size: u64) -> &'static str {
 /// The DMA-mapping report.
 pub fn section(ds: &Dataset) -> PolarsResult<Section> {
     let df = ds
-        .lazy()
+        .lazy()?
         .filter(col("type").eq(lit("iommu_map")))
         .select([col("trace"), col("start"), col("size"), col("ns")])
         .collect_streaming()?;

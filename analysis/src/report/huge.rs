@@ -301,7 +301,7 @@ pub fn walk(ds: &Dataset, window_ns: u64) -> Result<Vec<VmHuge>, super::whatif::
     let huge_spte = col("type")
         .eq(lit("spte_set"))
         .and(col("level").gt(lit(1u8)));
-    let df = by_time(ds.lazy().filter(type_in(&TYPES).or(huge_spte))).collect_streaming()?;
+    let df = by_time(ds.lazy()?.filter(type_in(&TYPES).or(huge_spte))).collect_streaming()?;
     let events = frame::events(&df)?;
     let traces = super::strs(&df, "trace")?;
     let mut out: Vec<VmHuge> = Vec::new();

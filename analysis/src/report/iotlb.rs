@@ -12,7 +12,7 @@ use crate::dataset::{Dataset, by_time};
 
 /// The IOTLB report.
 pub fn section(ds: &Dataset, batch_window_ns: u64) -> PolarsResult<Section> {
-    let lf = ds.lazy();
+    let lf = ds.lazy()?;
     let flushes = by_time(lf.clone().filter(col("type").eq(lit("iotlb_flush"))));
     let range_scope = col("scope")
         .eq(lit("range"))

@@ -187,7 +187,7 @@ impl Rows {
 
 /// Attributes every fast zap, new root and full pre-population of `ds`.
 pub fn attribute(ds: &Dataset, window_ns: u64) -> PolarsResult<Vec<Attributed>> {
-    let lf = ds.lazy();
+    let lf = ds.lazy()?;
     let key = |r: &Rows, i: usize| {
         (
             r.trace[i].clone().unwrap_or_default(),
@@ -367,7 +367,7 @@ struct Prepops {
 
 fn prepops(ds: &Dataset) -> PolarsResult<Prepops> {
     let df = ds
-        .lazy()
+        .lazy()?
         .filter(col("type").eq(lit("prepopulate_end")))
         .group_by([col("trace"), col("vm"), col("cause")])
         .agg([

@@ -48,7 +48,7 @@ pub fn metrics(ds: &Dataset) -> PolarsResult<Vec<VmMetrics>> {
             .or(col("cause").eq(lit("new_root"))),
     );
     let df = ds
-        .lazy()
+        .lazy()?
         .group_by([col("trace"), col("vm")])
         .agg([
             col("source").first().alias("source"),

@@ -53,7 +53,7 @@ pub struct Replay {
 /// The (trace, VM) pairs of `ds` that have memslot events (what a replay needs).
 fn vms(ds: &Dataset) -> PolarsResult<Vec<(String, u64)>> {
     let df = ds
-        .lazy()
+        .lazy()?
         .filter(col("path").eq(lit("memslot")))
         .group_by([col("trace"), col("vm")])
         .agg([len().alias("n")])
@@ -84,7 +84,7 @@ pub fn replay(
     let mut out = Vec::new();
     for (trace, vm) in vms(ds)? {
         let df = by_time(
-            ds.lazy().filter(
+            ds.lazy()?.filter(
                 col("trace")
                     .eq(lit(trace.clone()))
                     .and(col("vm").eq(lit(vm)))

@@ -16,6 +16,21 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The value of the header's `format` field, so a stray JSON file is not taken for a trace.
 pub const FORMAT_NAME: &str = "tdpshare-trace";
 
+/// A value's name as the trace format spells it (`memslot_change`, `simulator`, `2M`): its
+/// serde string; empty for a value that does not serialize as one. Views and reports show
+/// these names, never Rust's.
+pub fn name_of<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The value `name` stands for ([`name_of`]'s inverse); `None` for a name it does not know.
+pub fn from_name<T: serde::de::DeserializeOwned>(name: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+}
+
 /// The first line of every trace file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
