@@ -86,7 +86,11 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<SetUserMemory>, I
             let (secs, micros) = time.split_once('.').ok_or_else(|| err("bad timestamp"))?;
             let secs: u64 = secs.parse().map_err(|_| err("bad timestamp"))?;
             let micros: u64 = micros.parse().map_err(|_| err("bad timestamp"))?;
-            Some(secs * 1_000_000_000 + micros * 1000)
+            let ns = secs
+                .checked_mul(1_000_000_000)
+                .and_then(|s| s.checked_add(micros.checked_mul(1000)?))
+                .ok_or_else(|| err("bad timestamp"))?;
+            Some(ns)
         }
         None => None,
     };
@@ -146,6 +150,7 @@ pub fn import(
     let mut events = Vec::new();
     let mut summary = ImportSummary::default();
     let mut first_time = None;
+    let mut last_ns = 0u64;
     let mut lines = 0;
     for (i, line) in input.lines().enumerate() {
         let line_no = i + 1;
@@ -162,13 +167,19 @@ pub fn import(
             summary.failed_calls += 1;
             continue;
         }
+        // Times never go back: threads print their lines with their own clock readings (a
+        // line may come a few microseconds behind the one before), and a line without a
+        // timestamp among stamped ones follows the last by `spacing_ns`.
         let ts_ns = match call.time_ns {
             Some(t) => {
                 summary.timed = true;
-                t - *first_time.get_or_insert(t)
+                t.saturating_sub(*first_time.get_or_insert(t))
             }
-            None => summary.calls as u64 * spacing_ns,
-        };
+            None if first_time.is_some() => last_ns.saturating_add(spacing_ns),
+            None => (summary.calls as u64).saturating_mul(spacing_ns),
+        }
+        .max(last_ns);
+        last_ns = ts_ns;
         let kind = slots
             .apply(Memslot {
                 slot: call.slot,
@@ -198,6 +209,30 @@ pub fn import(
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by the qemu_import fuzz target: an untimed line after timed ones went back in
+    /// time to `calls * spacing`; a timestamp past 2^64 ns overflowed.
+    #[test]
+    fn times_never_go_back_and_overflowing_timestamps_are_errors() {
+        let line = |prefix: &str, slot: u32| {
+            format!(
+                "{prefix}kvm_set_user_memory Slot#{slot} flags=0x0 gpa=0x0 size=0x1000 ua=0x0 ret=0\n"
+            )
+        };
+        let mixed = line("1@10.000005:", 0) + &line("1@10.900005:", 1) + &line("", 2);
+        let (events, _) = import(mixed.as_bytes(), 1, 1000).unwrap();
+        let ts: Vec<u64> = events.iter().map(|e| e.ts_ns).collect();
+        assert_eq!(ts, [0, 900_000_000, 900_001_000]);
+        let backwards =
+            line("1@10.000005:", 0) + &line("1@10.000002:", 1) + &line("1@10.000009:", 2);
+        let (events, _) = import(backwards.as_bytes(), 1, 1000).unwrap();
+        let ts: Vec<u64> = events.iter().map(|e| e.ts_ns).collect();
+        assert_eq!(ts, [0, 0, 4000]);
+        let huge = line("1@99999999999999999999.0:", 0);
+        assert!(import(huge.as_bytes(), 1, 1000).is_err());
+        let huge = line("1@18446744073.999999:", 0);
+        assert!(import(huge.as_bytes(), 1, 1000).is_err());
+    }
     use super::*;
 
     fn fixture(name: &str) -> std::io::BufReader<std::fs::File> {
