@@ -230,8 +230,7 @@ pub const fn name(i: usize) -> &'static str {
     SCHEMA[i].0
 }
 
-/// A snake_case serde name (the trace format's spelling of an enum value).
-
+/// One column being built, by type.
 enum Buf {
     U(Vec<Option<u64>>),
     B(Vec<Option<bool>>),
