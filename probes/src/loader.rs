@@ -191,10 +191,30 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Why tracefs cannot be read, when it is mounted but this process may not look inside (it
+/// is root-only: a service running with capabilities instead of root needs
+/// CAP_DAC_READ_SEARCH). Every tracepoint would otherwise look absent.
+fn tracefs_denied() -> Option<String> {
+    tracefs::TRACEFS_ROOTS.iter().find_map(|root| {
+        let events = std::path::Path::new(root).join("events");
+        match std::fs::metadata(&events) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(format!(
+                "{root} is not readable (root, or CAP_DAC_READ_SEARCH, reads the tracepoints' \
+                 formats)"
+            )),
+            _ => None,
+        }
+    })
+}
+
 /// Finds tracefs, mounting it at /sys/kernel/tracing if it is not mounted anywhere.
 fn ensure_tracefs(notes: &mut Vec<String>) -> Option<PathBuf> {
     if let Some(root) = tracefs::tracefs_root() {
         return Some(root);
+    }
+    if let Some(why) = tracefs_denied() {
+        notes.push(why);
+        return None;
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: mount(2) with constant C strings and no data.
@@ -224,6 +244,16 @@ impl Session {
     pub fn start(opts: &LoadOptions) -> Session {
         let mut notes = Vec::new();
         let tracefs = opts.tracefs.clone().or_else(|| ensure_tracefs(&mut notes));
+        // Not absent but unreadable: each tracepoint says so instead of "absent".
+        let unreadable = if tracefs.is_none() && opts.tracefs.is_none() {
+            tracefs_denied()
+        } else {
+            None
+        };
+        let missing = |unreadable: &Option<String>| match unreadable {
+            Some(why) => ProbeState::Denied(why.clone()),
+            None => ProbeState::Absent,
+        };
         let (role, role_problem) = RoleLayout::of_running_kernel();
         if let Some(p) = role_problem {
             notes.push(format!("role word decoded with Linux 6.x's layout: {p}"));
@@ -270,7 +300,7 @@ impl Session {
         };
         // The CO-RE program loads with libbpf, independently of the Rust object.
         let core_state = match CATALOG.iter().find(|p| p.core) {
-            Some(p) if !present.contains_key(p.program) => ProbeState::Absent,
+            Some(p) if !present.contains_key(p.program) => missing(&unreadable),
             Some(_) => match CoreProbe::start(opts.pid, PRIVILEGE) {
                 Ok(core) => {
                     session.core = Some(core);
@@ -346,7 +376,7 @@ impl Session {
             let state = if probe.core {
                 core_state.clone()
             } else if !present.contains_key(probe.program) {
-                ProbeState::Absent
+                missing(&unreadable)
             } else {
                 attach(&mut ebpf, probe)
             };

@@ -25,6 +25,13 @@ fn status_with_no_probe_attached_fails() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("0 of "), "{stdout}");
+    // Unreadable tracefs is a denial, not "absent": sys_enter_ioctl exists on every kernel.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("syscalls:sys_enter_ioctl") && l.contains("denied")),
+        "{stdout}"
+    );
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("no probe attached"), "{stderr}");
 }
