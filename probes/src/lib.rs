@@ -12,6 +12,7 @@ pub mod btf;
 pub mod catalog;
 pub mod core;
 pub mod decode;
+pub mod exporter;
 pub mod loader;
 pub mod rate;
 pub mod record;

@@ -2,6 +2,7 @@
 //!
 //! - `status`: attach every probe and print what became of each.
 //! - `record -o FILE [--pid P] [--duration S]`: record events in the trace format.
+//! - `serve [--listen ADDR:PORT]`: a Prometheus / OpenMetrics exporter (docs/exporter.md).
 //! - `bench-decode [--records N]`: the decoder's rate on this kernel's record layout.
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,9 @@ enum Command {
     Status,
     /// Record events into a trace file (tdpshare trace format).
     Record(RecordArgs),
+    /// Serve the probes' counts as a Prometheus / OpenMetrics endpoint (/metrics, /healthz)
+    /// until SIGTERM.
+    Serve(tdpshare_probes::exporter::ServeArgs),
     /// Time the decoder on N synthetic SPTE-change records laid out by this kernel's format
     /// (no probe is attached); prints `decoded N records into M events in S s: R records/s`.
     BenchDecode {
@@ -50,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Record(args) => tdpshare_probes::record::run(&args)?,
+        Command::Serve(args) => tdpshare_probes::exporter::run(&args)?,
         Command::BenchDecode { records } => {
             let r = tdpshare_probes::rate::decode_rate(records)?;
             println!(

@@ -71,7 +71,7 @@ pub struct RecordArgs {
 }
 
 /// `--ring-mib`: a power of two from 1 to 1024.
-fn parse_ring_mib(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_ring_mib(text: &str) -> Result<u32, String> {
     let n: u32 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a whole number of MiB"))?;

@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn names_come_from_the_command_line() {
-        let qemu = b"/usr/bin/qemu-system-x86_64\0-name\0guest=web1,debug-threads=on\0-m\01G\0";
+        let qemu = b"/usr/bin/qemu-system-x86_64\0-name\0guest=web1,debug-threads=on\0-m\x001G\0";
         assert_eq!(name_in(qemu).as_deref(), Some("web1"));
         assert_eq!(name_in(b"qemu\0-name\0db\0").as_deref(), Some("db"));
         assert_eq!(

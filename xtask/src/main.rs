@@ -321,6 +321,7 @@ fn setup() -> anyhow::Result<()> {
     setup_apt()?;
     setup_bpf_linker()?;
     setup_cargo_fuzz()?;
+    setup_prometheus()?;
     setup_duckdb()?;
     Ok(())
 }
@@ -426,6 +427,30 @@ fn setup_bpf_linker() -> anyhow::Result<()> {
             "llvm-22",
         ])
         .env("PATH", path))?;
+    Ok(())
+}
+
+/// Debian's Prometheus (server and promtool) for the exporter's tests: they start their own
+/// server on a free port with a temporary configuration. The package's own service is left
+/// stopped and disabled when this installs it (on a host with systemd it would start one on
+/// :9090); a Prometheus that was installed before is not touched.
+pub(crate) fn setup_prometheus() -> anyhow::Result<()> {
+    let installed = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "prometheus"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"));
+    if installed {
+        println!("present: apt package prometheus");
+        return Ok(());
+    }
+    ensure_apt(&["prometheus"])?;
+    if has_command("systemctl", "--version") {
+        // Fails harmlessly where systemd is not running (a container): nothing was started.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "prometheus"])
+            .status();
+        println!("stopped and disabled: prometheus.service (the tests run their own)");
+    }
     Ok(())
 }
 
@@ -541,6 +566,8 @@ fn cargo_test_env(
 fn test() -> anyhow::Result<()> {
     // The analysis tests read the Parquet export with DuckDB too: they require it here.
     let python = setup_duckdb()?;
+    // The exporter's tests scrape it with a real Prometheus and check it with promtool.
+    setup_prometheus()?;
     checks::check_layers(&root())?;
     checks::check_decision_layer(&root())?;
     check_kmod_default_build()?;
@@ -548,7 +575,11 @@ fn test() -> anyhow::Result<()> {
     let mut totals = Totals::default();
     let units = cargo_test_env(
         &["--workspace", "--all-features", "--all-targets"],
-        &[("TDPSHARE_DUCKDB_PYTHON", python.as_os_str())],
+        &[
+            ("TDPSHARE_DUCKDB_PYTHON", python.as_os_str()),
+            // The exporter's Prometheus tests run here for real, never skip for lack of it.
+            ("TDPSHARE_REQUIRE_PROMETHEUS", std::ffi::OsStr::new("1")),
+        ],
         &mut totals,
     )?;
     // Doc tests are not part of --all-targets.
