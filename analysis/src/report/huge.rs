@@ -8,17 +8,12 @@
 //! Sources that do not count leaves by size (the kernel tracepoint) leave coverage unknown.
 //!
 //! A split's reason is inferred from what came before it in the same VM (the tracepoint carries
-//! none), in this order: the slot has dirty logging on (`dirty_logging`); an instruction fetch
-//! faulted inside the huge page within the window (`nx_hugepage`, KVM's iTLB-multihit
-//! mitigation); the huge leaf lost rights within the window or its slot is read-only
-//! (`permission_change`); the huge page's range is not wholly inside one memslot
-//! (`memslot_boundary`); otherwise `other` — MTRR-forced small pages, among others, leave no
-//! event to tell them by.
+//! none) by `tdpshare::event::splits` — the model the exporter's split counts use too.
 
 use std::collections::{BTreeMap, HashMap};
 
 use polars::prelude::*;
-use tdpshare::event::{Memslot, PrepopCause, SpteFlags};
+use tdpshare::event::PrepopCause;
 use tdpshare::{Event, EventKind, PageSize};
 
 use super::{Cell, Section, Table, bytes, pct};
@@ -38,37 +33,10 @@ const TYPES: [&str; 9] = [
     "page_fault",
 ];
 
-/// x86 page-fault error code: instruction fetch.
-const PFERR_FETCH: u64 = 1 << 4;
 const SIZES: [u64; 3] = [4 << 10, 2 << 20, 1 << 30];
 
-/// Why a huge page was split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SplitReason {
-    DirtyLogging,
-    NxHugepage,
-    PermissionChange,
-    MemslotBoundary,
-    Other,
-}
-
-impl SplitReason {
-    pub const fn name(self) -> &'static str {
-        match self {
-            SplitReason::DirtyLogging => "dirty_logging",
-            SplitReason::NxHugepage => "nx_hugepage",
-            SplitReason::PermissionChange => "permission_change",
-            SplitReason::MemslotBoundary => "memslot_boundary",
-            SplitReason::Other => "other",
-        }
-    }
-
-    /// A table the IOMMU walks alone could keep the page huge: the IOMMU never executes, and
-    /// with its own dirty tracking (VT-d SLADE, AMD HD) it needs no split to log writes.
-    pub const fn iommu_exempt(self) -> bool {
-        matches!(self, SplitReason::NxHugepage | SplitReason::DirtyLogging)
-    }
-}
+use tdpshare::event::splits::SplitCauses;
+pub use tdpshare::event::splits::SplitReason;
 
 /// One split.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,15 +89,12 @@ pub struct VmHuge {
 
 struct Walk {
     vm: VmHuge,
-    slots: BTreeMap<(u8, u16), Memslot>,
+    /// What explains the VM's splits (its slots, recent fetch faults and right losses).
+    causes: SplitCauses,
     /// Leaf counts of the table the IOMMU walks (`None`: not sharing, or unknown).
     leaves: Option<[i64; 3]>,
     /// Slot pre-populations by range start: their leaves, to take back on deletion.
     slot_prepops: HashMap<(u64, u64), [u64; 3]>,
-    fetch_faults: HashMap<u64, u64>,
-    /// Huge leaves that lost rights: (gfn, level) → when.
-    perm_loss: HashMap<(u64, u8), u64>,
-    window_ns: u64,
 }
 
 impl Walk {
@@ -154,42 +119,8 @@ impl Walk {
         }
     }
 
-    fn slot_of(&self, gfn: u64) -> Option<&Memslot> {
-        let gpa = gfn << 12;
-        self.slots
-            .values()
-            .find(|s| s.as_id == 0 && gpa >= s.gpa.0 && gpa < s.gpa.0 + s.size)
-    }
-
-    fn reason(&self, ts_ns: u64, gfn: u64, level: u8) -> SplitReason {
-        let size = 4096u64 << (9 * u32::from(level.saturating_sub(1)));
-        let start = gfn << 12;
-        let slot = self.slot_of(gfn);
-        if slot.is_some_and(|s| s.flags & Memslot::FLAG_LOG_DIRTY != 0) {
-            return SplitReason::DirtyLogging;
-        }
-        let huge_gfn = start / size;
-        if self
-            .fetch_faults
-            .get(&(huge_gfn * 1000 + u64::from(level)))
-            .is_some_and(|&t| ts_ns.saturating_sub(t) <= self.window_ns)
-        {
-            return SplitReason::NxHugepage;
-        }
-        let lost_rights = self
-            .perm_loss
-            .get(&(gfn, level))
-            .is_some_and(|&t| ts_ns.saturating_sub(t) <= self.window_ns);
-        if lost_rights || slot.is_some_and(|s| s.flags & Memslot::FLAG_READONLY != 0) {
-            return SplitReason::PermissionChange;
-        }
-        match slot {
-            Some(s) if start >= s.gpa.0 && start + size <= s.gpa.0 + s.size => SplitReason::Other,
-            _ => SplitReason::MemslotBoundary,
-        }
-    }
-
     fn step(&mut self, e: &Event) {
+        self.causes.observe(e);
         match &e.kind {
             // The engine reports the start after the first pre-population.
             EventKind::SharingStarted { .. } if self.leaves.is_none() => {
@@ -242,7 +173,7 @@ impl Walk {
                 self.record(e.ts_ns);
             }
             EventKind::HugePageSplit { gfn, level } => {
-                let reason = self.reason(e.ts_ns, gfn.0, *level);
+                let reason = self.causes.reason(e.ts_ns, gfn.0, *level);
                 self.vm.splits.push(Split {
                     trace: self.vm.trace.clone(),
                     vm: self.vm.vm,
@@ -252,42 +183,13 @@ impl Walk {
                     reason,
                 });
             }
-            EventKind::MemslotAdd(s) => {
-                self.slots.insert((s.as_id, s.slot), *s);
-            }
-            EventKind::MemslotDelete(s) => {
-                self.slots.remove(&(s.as_id, s.slot));
-                if self.leaves.is_some() && s.as_id == 0 {
-                    match self.slot_prepops.remove(&(s.gpa.0, s.size)) {
-                        Some(l) => {
-                            self.add(l, -1);
-                            self.record(e.ts_ns);
-                        }
-                        None => self.vm.pending_uncovered += 1,
+            EventKind::MemslotDelete(s) if self.leaves.is_some() && s.as_id == 0 => {
+                match self.slot_prepops.remove(&(s.gpa.0, s.size)) {
+                    Some(l) => {
+                        self.add(l, -1);
+                        self.record(e.ts_ns);
                     }
-                }
-            }
-            EventKind::MemslotMove { slot, .. } | EventKind::MemslotFlags { slot, .. } => {
-                self.slots.insert((slot.as_id, slot.slot), *slot);
-            }
-            EventKind::PageFault { gfn, error_code } if error_code & PFERR_FETCH != 0 => {
-                for level in 2..=3u8 {
-                    let frames = 1u64 << (9 * u32::from(level - 1));
-                    self.fetch_faults
-                        .insert((gfn.0 / frames) * 1000 + u64::from(level), e.ts_ns);
-                }
-            }
-            EventKind::SpteSet {
-                gfn,
-                level,
-                old,
-                new,
-            } if *level > 1 => {
-                let rights = [SpteFlags::READ, SpteFlags::WRITE, SpteFlags::EXEC];
-                let lost = new.contains(SpteFlags::PRESENT)
-                    && rights.iter().any(|&r| old.contains(r) && !new.contains(r));
-                if lost {
-                    self.perm_loss.insert((gfn.0, *level), e.ts_ns);
+                    None => self.vm.pending_uncovered += 1,
                 }
             }
             _ => {}
@@ -321,12 +223,9 @@ pub fn walk(ds: &Dataset, window_ns: u64) -> Result<Vec<VmHuge>, super::whatif::
                     vm: e.vm,
                     ..Default::default()
                 },
-                slots: BTreeMap::new(),
+                causes: SplitCauses::new(window_ns),
                 leaves: None,
                 slot_prepops: HashMap::new(),
-                fetch_faults: HashMap::new(),
-                perm_loss: HashMap::new(),
-                window_ns,
             });
         }
         if let Some(w) = walk.as_mut() {

@@ -13,6 +13,7 @@ pub mod clock;
 #[cfg(feature = "serde")]
 mod serde_impls;
 pub mod slot_tracker;
+pub mod splits;
 pub mod stats;
 #[cfg(feature = "std")]
 pub mod trace;

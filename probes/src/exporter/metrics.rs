@@ -6,6 +6,7 @@ use super::registry::{
     FLUSH_SCOPES, MEMSLOT_OPS, PATHS, PREPOP_CAUSES, ROOT_CAUSES, Registry, VmMetrics,
 };
 use super::text::{Kind, Sink};
+use tdpshare::event::splits::SplitReason;
 use tdpshare::event::trace::name_of;
 
 /// What a scrape reads: the registry and this process's own figures.
@@ -230,9 +231,25 @@ pub const FAMILIES: &[Family] = &[
         name: "tdpshare_huge_page_splits",
         kind: Kind::Counter,
         unit: "",
-        labels: &["vm", "vmm", "level"],
-        help: "Huge pages split into smaller leaves, by the huge page's level (2: 2 MiB, 3: 1 GiB).",
-        collect: |s, sink| per_vm_by(s, sink, "level", ["2", "3"], |m| m.splits),
+        labels: &["vm", "vmm", "level", "reason"],
+        help: "Huge pages split into smaller leaves, by the huge page's level (2: 2 MiB, 3: 1 GiB) and the reason inferred from the events before (dirty_logging, nx_hugepage, permission_change, memslot_boundary, other).",
+        collect: |s, sink| {
+            for (vm, m) in &s.vms {
+                for (level, by_reason) in ["2", "3"].iter().zip(&m.splits) {
+                    for (reason, n) in SplitReason::ALL.iter().zip(by_reason) {
+                        sink.counter(
+                            &[
+                                ("vm", vm),
+                                ("vmm", &m.vmm),
+                                ("level", level),
+                                ("reason", reason.name()),
+                            ],
+                            *n,
+                        );
+                    }
+                }
+            }
+        },
     },
     Family {
         name: "tdpshare_huge_page_collapses",

@@ -7,7 +7,11 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use tdpshare::event::splits::{SplitCauses, SplitReason};
 use tdpshare::event::{Event, EventKind, FlushScope, PrepopCause, RootCause, VmId};
+
+/// How far back a fetch fault or a loss of rights explains a split (as the analysis's default).
+pub const SPLIT_WINDOW_NS: u64 = 1_000_000_000;
 
 /// What the registry asks of the machine about a VMM process. Live: `/proc` ([`ProcHost`]);
 /// tests and the load benchmark: fixed answers.
@@ -124,7 +128,7 @@ fn index<T: PartialEq>(all: &[T], v: &T) -> usize {
 }
 
 /// One VM's series.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VmMetrics {
     /// The VMM's process name (`vmm` label), fixed when the VM is first seen.
     pub vmm: String,
@@ -141,8 +145,14 @@ pub struct VmMetrics {
     pub fast_zaps: u64,
     pub zaps: u64,
     pub zapped_entries: u64,
-    /// Huge pages split / collapsed, by the level of the huge page (2: 2 MiB, 3: 1 GiB).
-    pub splits: [u64; 2],
+    /// Huge pages split, by the level of the huge page (2: 2 MiB, 3: 1 GiB) and the reason
+    /// ([`SplitReason::ALL`] order).
+    pub splits: [[u64; SplitReason::ALL.len()]; 2],
+    /// What explains the VM's splits (its slots, recent fetch faults and right losses).
+    pub causes: SplitCauses,
+    /// The VM's latest event time (the clock the split causes are pruned on).
+    pub last_ts_ns: u64,
+    /// Leaves collapsed back into huge pages, by level.
     pub collapses: [u64; 2],
     pub page_faults: u64,
     pub iotlb_flushes: [u64; FLUSH_SCOPES.len()],
@@ -168,6 +178,46 @@ pub struct VmMetrics {
     pub exited_at: Option<Instant>,
 }
 
+impl Default for VmMetrics {
+    fn default() -> Self {
+        Self {
+            vmm: String::new(),
+            name: String::new(),
+            events: [0; PATHS.len()],
+            prepopulations: [0; PREPOP_CAUSES.len()],
+            prepop_entries: [0; 3],
+            prepop_seconds: Histogram::default(),
+            roots_allocated: [0; ROOT_CAUSES.len()],
+            roots_freed: [0; ROOT_CAUSES.len()],
+            root_switches: [0; ROOT_CAUSES.len()],
+            fast_zaps: 0,
+            zaps: 0,
+            zapped_entries: 0,
+            splits: [[0; SplitReason::ALL.len()]; 2],
+            causes: SplitCauses::new(SPLIT_WINDOW_NS),
+            last_ts_ns: 0,
+            collapses: [0; 2],
+            page_faults: 0,
+            iotlb_flushes: [0; FLUSH_SCOPES.len()],
+            iotlb_flush_seconds: Histogram::default(),
+            memslot_ops: [0; MEMSLOT_OPS.len()],
+            dma_maps: 0,
+            dma_unmaps: 0,
+            dma_map_bytes: 0,
+            dma_unmap_bytes: 0,
+            dma_map_seconds: Histogram::default(),
+            dma_unmap_seconds: Histogram::default(),
+            io_page_faults: [0; 2],
+            pinned_bytes: 0,
+            smm_transitions: 0,
+            cr_writes: [0; 2],
+            sharing: None,
+            sharing_refusals: 0,
+            exited_at: None,
+        }
+    }
+}
+
 fn slot(level: u8) -> Option<usize> {
     match level {
         2 => Some(0),
@@ -183,6 +233,8 @@ impl VmMetrics {
             return;
         }
         self.events[index(&PATHS, &e.kind.path())] += 1;
+        self.causes.observe(e);
+        self.last_ts_ns = self.last_ts_ns.max(e.ts_ns);
         match &e.kind {
             EventKind::PrepopulateStart { .. } => {}
             EventKind::PrepopulateEnd {
@@ -215,9 +267,10 @@ impl VmMetrics {
                 self.zaps += 1;
                 self.zapped_entries = self.zapped_entries.saturating_add(*entries);
             }
-            EventKind::HugePageSplit { level, .. } => {
+            EventKind::HugePageSplit { gfn, level } => {
                 if let Some(i) = slot(*level) {
-                    self.splits[i] += 1;
+                    let why = self.causes.reason(e.ts_ns, gfn.0, *level);
+                    self.splits[i][why.index()] += 1;
                 }
             }
             EventKind::HugePageCollapse { level, .. } => {
@@ -373,6 +426,10 @@ impl Registry {
             if vm.exited_at.is_none() && !u32::try_from(id).is_ok_and(|pid| host.running(pid)) {
                 vm.exited_at = Some(now);
             }
+            vm.causes.prune(vm.last_ts_ns);
+        }
+        if let Some(other) = &mut self.other {
+            other.causes.prune(other.last_ts_ns);
         }
         let grace = self.limits.grace;
         let before = self.vms.len();
@@ -494,6 +551,31 @@ mod tests {
         assert_eq!(vm.prepop_seconds.counts[6], 1);
         assert_eq!(vm.dma_map_bytes, 4096);
         assert_eq!(vm.pinned_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn splits_are_counted_by_level_and_reason() {
+        let mut r = Registry::new(Limits::default());
+        let dirty = Memslot {
+            slot: 0,
+            as_id: 0,
+            gpa: Gpa(0),
+            size: 1 << 30,
+            flags: Memslot::FLAG_LOG_DIRTY,
+            ua: 0,
+        };
+        r.apply(&ev(3, EventKind::MemslotAdd(dirty)), &Fake);
+        let split = |gfn| EventKind::HugePageSplit {
+            gfn: tdpshare::Gfn(gfn),
+            level: 2,
+        };
+        r.apply(&ev(3, split(512)), &Fake);
+        // Past the slot: a memslot boundary.
+        r.apply(&ev(3, split(1 << 18)), &Fake);
+        let (_, vm) = r.vms().next().unwrap();
+        assert_eq!(vm.splits[0][SplitReason::DirtyLogging.index()], 1);
+        assert_eq!(vm.splits[0][SplitReason::MemslotBoundary.index()], 1);
+        assert_eq!(vm.splits[1], [0; 5]);
     }
 
     #[test]
