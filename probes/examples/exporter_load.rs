@@ -124,7 +124,7 @@ fn main() -> anyhow::Result<()> {
                         last_sweep = Instant::now();
                         // New VMs replace the old: they have exited.
                         host.generation.fetch_add(1, Ordering::Relaxed);
-                        shared.lock().sweep(last_sweep, host.as_ref());
+                        let _ = shared.lock().sweep(last_sweep, host.as_ref());
                     }
                     if stop.load(Ordering::Relaxed) {
                         break 'run;

@@ -68,6 +68,12 @@ impl Namer {
         ))
     }
 
+    /// Forgets VM `vm` (its series are gone): a later VMM with the same pid is named anew.
+    pub fn forget(&mut self, vm: VmId) {
+        self.seen.remove(&vm);
+        self.names.remove(&vm);
+    }
+
     /// The name events of every VM named so far, at time `ts_ns`: what a new segment of a
     /// rotated recording starts with, so that each file names its VMs.
     pub fn all(&self, ts_ns: u64) -> Vec<Event> {

@@ -458,12 +458,12 @@ pub const FAMILIES: &[Family] = &[
         name: "tdpshare_probe_up",
         kind: Kind::Gauge,
         unit: "",
-        labels: &["probe"],
+        labels: &["probe", "program"],
         help: "1 when the probe is attached, 0 otherwise (see tdpshare_probe_state).",
         collect: |s, sink| {
             for p in &s.reg.probes {
                 let up = if p.state == "attached" { 1.0 } else { 0.0 };
-                sink.gauge(&[("probe", &p.probe)], up);
+                sink.gauge(&[("probe", &p.probe), ("program", &p.program)], up);
             }
         },
     },
@@ -471,11 +471,18 @@ pub const FAMILIES: &[Family] = &[
         name: "tdpshare_probe_state",
         kind: Kind::Gauge,
         unit: "",
-        labels: &["probe", "state"],
+        labels: &["probe", "program", "state"],
         help: "1 for the probe's state: attached, absent (not in this kernel), denied, failed, not_built.",
         collect: |s, sink| {
             for p in &s.reg.probes {
-                sink.gauge(&[("probe", &p.probe), ("state", p.state)], 1.0);
+                sink.gauge(
+                    &[
+                        ("probe", &p.probe),
+                        ("program", &p.program),
+                        ("state", p.state),
+                    ],
+                    1.0,
+                );
             }
         },
     },
@@ -492,16 +499,8 @@ pub const FAMILIES: &[Family] = &[
         kind: Kind::Counter,
         unit: "",
         labels: &[],
-        help: "Events the exporter has counted.",
+        help: "Events the exporter has counted (rate() of it: events per second).",
         collect: |s, sink| sink.counter(&[], s.reg.events_total),
-    },
-    Family {
-        name: "tdpshare_exporter_events_per_second",
-        kind: Kind::Gauge,
-        unit: "",
-        labels: &[],
-        help: "Events counted per second over the last ten seconds.",
-        collect: |s, sink| sink.gauge(&[], s.reg.events_per_second()),
     },
     Family {
         name: "tdpshare_build",

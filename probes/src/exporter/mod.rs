@@ -40,11 +40,11 @@ pub struct ServeArgs {
     #[arg(long, value_parser = crate::args::pid)]
     pub pid: Option<u32>,
     /// VMs tracked one by one; events of further VMs are summed into `vm="other"`.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_vms: u64,
     /// Seconds an exited VM's series stay (so the scrapes after its exit see its last counts)
     /// before they are removed.
-    #[arg(long, default_value_t = 300.0, value_parser = crate::args::duration)]
+    #[arg(long, default_value_t = 300.0, value_parser = grace)]
     pub vm_grace: f64,
     /// The kernel-side event buffer in MiB (a power of two): raise it when
     /// tdpshare_ring_buffer_drops_total grows.
@@ -53,6 +53,17 @@ pub struct ServeArgs {
     /// Print the metric reference (Markdown) and exit.
     #[arg(long)]
     pub metrics: bool,
+}
+
+/// `--vm-grace`: seconds, at most a day (a longer one keeps dead VMs' series for no one).
+fn grace(text: &str) -> Result<f64, String> {
+    let s = crate::args::duration(text)?;
+    if s > 86_400.0 {
+        return Err(format!(
+            "{text}: the grace period is at most 86400 s (a day)"
+        ));
+    }
+    Ok(s)
 }
 
 /// What the source and the scrapes share.
@@ -160,6 +171,7 @@ fn live_source(shared: &Shared, opts: &LoadOptions, stop: &AtomicBool) {
             eprintln!("probe {probe}: {}", s.state);
             ProbeState {
                 probe,
+                program: s.probe.program.to_owned(),
                 state: state_label(&s.state),
             }
         })
@@ -193,7 +205,9 @@ fn live_source(shared: &Shared, opts: &LoadOptions, stop: &AtomicBool) {
             let drops = session.counters().drops;
             let mut reg = shared.lock();
             reg.drops = drops;
-            reg.sweep(last_sweep, &host);
+            for vm in reg.sweep(last_sweep, &host) {
+                namer.forget(vm);
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -292,6 +306,7 @@ mod tests {
         });
         shared.lock().probes = vec![ProbeState {
             probe: "kvmmmu:kvm_mmu_get_page".into(),
+            program: "kvm_mmu_get_page".into(),
             state: "attached",
         }];
         shared
@@ -321,7 +336,9 @@ mod tests {
                 "tdpshare_vm_info{vm=\"4242\",vmm=\"qemu-4242\",name=\"guest-4242\"} 1\n"
             )
         );
-        assert!(body.contains("tdpshare_probe_up{probe=\"kvmmmu:kvm_mmu_get_page\"} 1\n"));
+        assert!(body.contains(
+            "tdpshare_probe_up{probe=\"kvmmmu:kvm_mmu_get_page\",program=\"kvm_mmu_get_page\"} 1\n"
+        ));
         assert!(body.contains("tdpshare_exporter_events_total 2\n"));
         assert!(body.contains("# TYPE tdpshare_build_info gauge\n"));
         assert!(!body.contains("# EOF"));

@@ -4,7 +4,7 @@
 //! holds it while it applies a batch of events, a scrape while it renders. Nothing here blocks
 //! or does I/O except through [`Host`].
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tdpshare::event::splits::{SplitCauses, SplitReason};
@@ -336,8 +336,11 @@ impl VmMetrics {
 /// One probe's state, as the loader left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeState {
-    /// `system:event`, or the ioctl's name.
+    /// `system:event` it attaches to (two programs may share one: a tracepoint and its CO-RE
+    /// twin).
     pub probe: String,
+    /// The eBPF program: unique, so each series is.
+    pub program: String,
     /// `attached`, `absent`, `denied`, `failed` or `not_built`.
     pub state: &'static str,
 }
@@ -354,8 +357,6 @@ pub struct Registry {
     pub folded_total: u64,
     pub expired_total: u64,
     pub events_total: u64,
-    /// Events applied, sampled once a second for [`Registry::events_per_second`].
-    rate: VecDeque<(Instant, u64)>,
     pub probes: Vec<ProbeState>,
     pub drops: u64,
     /// The source is attached and running (`/healthz`).
@@ -375,7 +376,6 @@ impl Registry {
             folded_total: 0,
             expired_total: 0,
             events_total: 0,
-            rate: VecDeque::new(),
             probes: Vec::new(),
             drops: 0,
             ready: false,
@@ -394,7 +394,9 @@ impl Registry {
             vm.apply(e);
             return;
         }
-        if self.vms.len() >= self.limits.max_vms {
+        // A VM folded once stays folded while it runs, even when a slot frees up: its pins,
+        // name and counts are in `other`, and moving it would split them.
+        if self.folded.contains(&e.vm) || self.vms.len() >= self.limits.max_vms {
             if self.folded.insert(e.vm) {
                 self.folded_total += 1;
             }
@@ -418,10 +420,10 @@ impl Registry {
         vm.apply(e);
     }
 
-    /// Marks VMs whose VMM has exited and removes those past the grace period; forgets folded
-    /// VMs that are gone (so that set stays as small as the running VMMs); samples the event
-    /// rate. Called about once a second by the source thread.
-    pub fn sweep(&mut self, now: Instant, host: &dyn Host) {
+    /// Marks VMs whose VMM has exited and removes those past the grace period (returned, so
+    /// that the caller forgets them too); forgets folded VMs that are gone (so that set stays as
+    /// small as the running VMMs). Called about once a second by the source thread.
+    pub fn sweep(&mut self, now: Instant, host: &dyn Host) -> Vec<VmId> {
         for (&id, vm) in &mut self.vms {
             if vm.exited_at.is_none() && !u32::try_from(id).is_ok_and(|pid| host.running(pid)) {
                 vm.exited_at = Some(now);
@@ -432,30 +434,29 @@ impl Registry {
             other.causes.prune(other.last_ts_ns);
         }
         let grace = self.limits.grace;
-        let before = self.vms.len();
-        self.vms
-            .retain(|_, vm| vm.exited_at.is_none_or(|at| now.duration_since(at) < grace));
-        self.expired_total += (before - self.vms.len()) as u64;
-        self.folded
-            .retain(|&id| u32::try_from(id).is_ok_and(|pid| host.running(pid)));
-        self.rate.push_back((now, self.events_total));
-        while self
-            .rate
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(10))
-        {
-            self.rate.pop_front();
+        let expired: Vec<VmId> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| {
+                vm.exited_at
+                    .is_some_and(|at| now.duration_since(at) >= grace)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &expired {
+            self.vms.remove(id);
         }
-    }
-
-    /// Events per second over the last (up to) ten seconds of sweeps.
-    pub fn events_per_second(&self) -> f64 {
-        match (self.rate.front(), self.rate.back()) {
-            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
-                (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+        self.expired_total += expired.len() as u64;
+        let mut gone = Vec::new();
+        self.folded.retain(|&id| {
+            let runs = u32::try_from(id).is_ok_and(|pid| host.running(pid));
+            if !runs {
+                gone.push(id);
             }
-            _ => 0.0,
-        }
+            runs
+        });
+        gone.extend(expired);
+        gone
     }
 
     /// The tracked VMs (id, series), then `other` if any VM was folded.
@@ -592,6 +593,26 @@ mod tests {
         let other = r.vms().find(|(id, _)| id.is_none()).unwrap().1;
         assert_eq!(other.smm_transitions, 3);
         assert_eq!(other.vmm, "other");
+        // VM 1 exits (Fake: pids below 100 run; make it look gone by sweeping with a host
+        // where only 2, 3 and 4 run): its slot frees, yet VM 3 stays in `other`.
+        struct Only234;
+        impl Host for Only234 {
+            fn process_name(&self, _: u32) -> Option<String> {
+                None
+            }
+            fn running(&self, pid: u32) -> bool {
+                (2..=4).contains(&pid)
+            }
+        }
+        let t0 = Instant::now();
+        r.sweep(t0, &Only234);
+        let gone = r.sweep(t0 + Duration::from_secs(61), &Only234);
+        assert_eq!(gone, [1]);
+        assert_eq!(r.tracked(), 1);
+        r.apply(&ev(3, EventKind::SmmTransition { enter: true }), &Fake);
+        assert_eq!(r.tracked(), 1, "a folded VM does not take the freed slot");
+        let other = r.vms().find(|(id, _)| id.is_none()).unwrap().1;
+        assert_eq!(other.smm_transitions, 4);
     }
 
     #[test]
@@ -633,18 +654,6 @@ mod tests {
         assert!(r.tracked() <= 16);
         assert!(r.folded.is_empty(), "gone VMMs are forgotten");
         assert_eq!(r.events_total, 10_000);
-    }
-
-    #[test]
-    fn the_event_rate_is_measured_over_the_sweeps() {
-        let mut r = Registry::new(Limits::default());
-        let t0 = Instant::now();
-        r.sweep(t0, &Fake);
-        for _ in 0..500 {
-            r.apply(&ev(1, EventKind::SmmTransition { enter: true }), &Fake);
-        }
-        r.sweep(t0 + Duration::from_secs(2), &Fake);
-        assert_eq!(r.events_per_second(), 250.0);
     }
 
     #[test]

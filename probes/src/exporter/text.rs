@@ -14,22 +14,27 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format an `Accept` header asks for: OpenMetrics when it is named (Prometheus 2.x
-    /// sends it first), the Prometheus text format otherwise (curl, promtool, old scrapers).
+    /// The format an `Accept` header prefers: each media range's `q` (1 when absent; parameter
+    /// names are case-insensitive) ranks it; OpenMetrics wins ties (Prometheus 2.x names it
+    /// first), the Prometheus text format answers everything else (curl, promtool, `*/*`, and
+    /// Prometheus 3 when told to prefer the text format).
     pub fn negotiate(accept: Option<&str>) -> Format {
-        let asks_om = accept.is_some_and(|a| {
-            a.split(',').any(|part| {
-                let mut params = part.split(';').map(str::trim);
-                let media = params.next().unwrap_or("");
-                let refused = params.any(|p| {
-                    p.strip_prefix("q=")
-                        .and_then(|q| q.parse::<f64>().ok())
-                        .is_some_and(|q| q <= 0.0)
-                });
-                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
-            })
-        });
-        if asks_om {
+        let (mut om, mut text) = (0.0f64, 0.0f64);
+        for range in accept.unwrap_or("").split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("").to_ascii_lowercase();
+            let q = params
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            match media.as_str() {
+                "application/openmetrics-text" => om = om.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if om > 0.0 && om >= text {
             Format::OpenMetrics
         } else {
             Format::Prometheus
@@ -217,6 +222,14 @@ mod tests {
             Format::negotiate(Some("application/openmetrics-text;q=0, text/plain")),
             Format::Prometheus
         );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;Q=0, text/plain")),
+            Format::Prometheus
+        );
+        // Prometheus 3 told to prefer the text format.
+        let prom3 = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;\
+                     q=0.9,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prom3)), Format::Prometheus);
     }
 
     #[test]
