@@ -84,70 +84,96 @@ fn wait_for(session: &str, needle: &str) -> String {
     }
 }
 
+/// sharetop with `args` running in a detached tmux session of `width`×30, its exit code written
+/// to a file when it ends: `None` (skipped) without tmux.
+struct Pty {
+    session: String,
+    done: std::path::PathBuf,
+}
+
+impl Pty {
+    fn start(name: &str, args: &str, width: u16) -> Option<Pty> {
+        if Command::new("tmux").arg("-V").output().is_err() {
+            println!("skipped: tmux is not installed");
+            return None;
+        }
+        let session = format!("sharetop-{name}-{}", std::process::id());
+        let done = std::env::temp_dir().join(format!("{session}.exit"));
+        let _ = std::fs::remove_file(&done);
+        let cmd = format!(
+            "{} {args}; echo $? > {}; sleep 30",
+            env!("CARGO_BIN_EXE_sharetop"),
+            done.display()
+        );
+        tmux(&["-L", &session, "kill-server"]);
+        let width = width.to_string();
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &session,
+                "-x",
+                &width,
+                "-y",
+                "30",
+                &cmd,
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        Some(Pty { session, done })
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", &self.session];
+        args.extend(keys);
+        tmux(&args);
+    }
+
+    /// The exit code once sharetop has ended (waiting up to 10 s; empty if it has not), and the
+    /// screen after it.
+    fn exit(&self) -> (String, String) {
+        let start = Instant::now();
+        while !self.done.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let code = std::fs::read_to_string(&self.done).unwrap_or_default();
+        let after = tmux(&["capture-pane", "-p", "-t", &self.session]);
+        (code.trim().to_owned(), after)
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        tmux(&["kill-session", "-t", &self.session]);
+        let _ = std::fs::remove_file(&self.done);
+    }
+}
+
 /// The real binary in a real terminal (tmux): start a replay, press keys, quit cleanly.
 #[test]
 fn pty_smoke_test() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        println!("skipped: tmux is not installed");
+    let Some(pty) = Pty::start("smoke", &format!("--replay {FIXTURE} --speed 1000"), 100) else {
         return;
-    }
-    let session = format!("sharetop-smoke-{}", std::process::id());
-    let done = std::env::temp_dir().join(format!("{session}.exit"));
-    let _ = std::fs::remove_file(&done);
-    let cmd = format!(
-        "{} --replay {FIXTURE} --speed 1000; echo $? > {}; sleep 30",
-        env!("CARGO_BIN_EXE_sharetop"),
-        done.display()
-    );
-    tmux(&["-L", &session, "kill-server"]);
-    let ok = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &cmd,
-        ])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let screen = wait_for(&session, "17765");
+    };
+    let session = pty.session.as_str();
+    let screen = wait_for(session, "17765");
     assert!(
         screen.contains("Overview") && screen.contains("17765"),
         "{screen}"
     );
-    tmux(&["send-keys", "-t", &session, "Enter"]);
-    let screen = wait_for(&session, "memslots (");
+    pty.keys(&["Enter"]);
+    let screen = wait_for(session, "memslots (");
     assert!(screen.contains("VM 17765"), "{screen}");
-    tmux(&[
-        "send-keys",
-        "-t",
-        &session,
-        "/",
-        "f",
-        "a",
-        "s",
-        "t",
-        "Enter",
-    ]);
-    let screen = wait_for(&session, "/fast/");
+    pty.keys(&["/", "f", "a", "s", "t", "Enter"]);
+    let screen = wait_for(session, "/fast/");
     assert!(screen.contains("fast_zap"), "{screen}");
-    tmux(&["send-keys", "-t", &session, "?"]);
-    assert!(wait_for(&session, " keys ").contains("quit"));
-    tmux(&["send-keys", "-t", &session, "Escape", "q"]);
-    let start = Instant::now();
-    while !done.exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let code = std::fs::read_to_string(&done).unwrap_or_default();
-    let after = tmux(&["capture-pane", "-p", "-t", &session]);
-    tmux(&["kill-session", "-t", &session]);
-    let _ = std::fs::remove_file(&done);
-    assert_eq!(code.trim(), "0", "sharetop did not exit cleanly");
+    pty.keys(&["?"]);
+    assert!(wait_for(session, " keys ").contains("quit"));
+    pty.keys(&["Escape", "q"]);
+    let (code, after) = pty.exit();
+    assert_eq!(code, "0", "sharetop did not exit cleanly");
     // The terminal was restored: the alternate screen is gone.
     assert!(!after.contains("Overview"), "{after}");
 }
@@ -156,51 +182,19 @@ fn pty_smoke_test() {
 /// (it hung: the worker was joined while it still waited for its next step).
 #[test]
 fn pty_step_plays_one_event_per_key_and_quits() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        println!("skipped: tmux is not installed");
+    let Some(pty) = Pty::start("step", &format!("--replay {FIXTURE} --step"), 120) else {
         return;
-    }
-    let session = format!("sharetop-step-{}", std::process::id());
-    let done = std::env::temp_dir().join(format!("{session}.exit"));
-    let _ = std::fs::remove_file(&done);
-    let cmd = format!(
-        "{} --replay {FIXTURE} --step; echo $? > {}; sleep 30",
-        env!("CARGO_BIN_EXE_sharetop"),
-        done.display()
-    );
-    tmux(&["-L", &session, "kill-server"]);
-    let ok = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "120",
-            "-y",
-            "30",
-            &cmd,
-        ])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let screen = wait_for(&session, "0 events");
+    };
+    let screen = wait_for(&pty.session, "0 events");
     assert!(screen.contains("0 VMs, 0 events"), "{screen}");
     for n in 1..=3 {
-        tmux(&["send-keys", "-t", &session, "n"]);
+        pty.keys(&["n"]);
         let want = format!("1 VMs, {n} events");
-        let screen = wait_for(&session, &want);
+        let screen = wait_for(&pty.session, &want);
         assert!(screen.contains(&want), "after {n} steps: {screen}");
     }
-    tmux(&["send-keys", "-t", &session, "q"]);
-    let start = Instant::now();
-    while !done.exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let code = std::fs::read_to_string(&done).unwrap_or_default();
-    tmux(&["kill-session", "-t", &session]);
-    let _ = std::fs::remove_file(&done);
-    assert_eq!(code.trim(), "0", "sharetop --step did not quit on q");
+    pty.keys(&["q"]);
+    assert_eq!(pty.exit().0, "0", "sharetop --step did not quit on q");
 }
 
 #[test]

@@ -118,8 +118,16 @@ fn per_vm_by<const N: usize>(
     }
 }
 
-fn names<T: serde::Serialize, const N: usize>(all: &[T; N]) -> [String; N] {
-    std::array::from_fn(|i| name_of(&all[i]))
+/// [`per_vm_by`] with the label values the trace format's names of `all` (causes, scopes).
+fn per_vm_by_name<T: serde::Serialize, const N: usize>(
+    s: &Scrape<'_>,
+    sink: &mut Sink,
+    label: &str,
+    all: &[T; N],
+    counts: impl Fn(&VmMetrics) -> [u64; N],
+) {
+    let names: [String; N] = std::array::from_fn(|i| name_of(&all[i]));
+    per_vm_by(s, sink, label, names.each_ref().map(String::as_str), counts);
 }
 
 /// Every family, in exposition order.
@@ -141,12 +149,7 @@ pub const FAMILIES: &[Family] = &[
         unit: "",
         labels: &["vm", "vmm", "cause"],
         help: "Pre-populations of pinned memory into the TDP table (seed path 1), by cause.",
-        collect: |s, sink| {
-            let n = names(&PREPOP_CAUSES);
-            per_vm_by(s, sink, "cause", n.each_ref().map(String::as_str), |m| {
-                m.prepopulations
-            });
-        },
+        collect: |s, sink| per_vm_by_name(s, sink, "cause", &PREPOP_CAUSES, |m| m.prepopulations),
     },
     Family {
         name: "tdpshare_prepopulation_entries",
@@ -170,12 +173,7 @@ pub const FAMILIES: &[Family] = &[
         unit: "",
         labels: &["vm", "vmm", "cause"],
         help: "TDP roots allocated (root updates the IOMMU must follow; seed path 2), by cause.",
-        collect: |s, sink| {
-            let n = names(&ROOT_CAUSES);
-            per_vm_by(s, sink, "cause", n.each_ref().map(String::as_str), |m| {
-                m.roots_allocated
-            });
-        },
+        collect: |s, sink| per_vm_by_name(s, sink, "cause", &ROOT_CAUSES, |m| m.roots_allocated),
     },
     Family {
         name: "tdpshare_roots_freed",
@@ -183,12 +181,7 @@ pub const FAMILIES: &[Family] = &[
         unit: "",
         labels: &["vm", "vmm", "cause"],
         help: "TDP roots freed, by cause.",
-        collect: |s, sink| {
-            let n = names(&ROOT_CAUSES);
-            per_vm_by(s, sink, "cause", n.each_ref().map(String::as_str), |m| {
-                m.roots_freed
-            });
-        },
+        collect: |s, sink| per_vm_by_name(s, sink, "cause", &ROOT_CAUSES, |m| m.roots_freed),
     },
     Family {
         name: "tdpshare_root_switches",
@@ -196,12 +189,7 @@ pub const FAMILIES: &[Family] = &[
         unit: "",
         labels: &["vm", "vmm", "cause"],
         help: "Switches to another existing root (the sharing series' root_update), by cause.",
-        collect: |s, sink| {
-            let n = names(&ROOT_CAUSES);
-            per_vm_by(s, sink, "cause", n.each_ref().map(String::as_str), |m| {
-                m.root_switches
-            });
-        },
+        collect: |s, sink| per_vm_by_name(s, sink, "cause", &ROOT_CAUSES, |m| m.root_switches),
     },
     Family {
         name: "tdpshare_fast_zaps",
@@ -273,12 +261,7 @@ pub const FAMILIES: &[Family] = &[
         unit: "",
         labels: &["vm", "vmm", "scope"],
         help: "IOTLB invalidations (seed path 3), by scope: all, domain, range, range_leaves.",
-        collect: |s, sink| {
-            let n = names(&FLUSH_SCOPES);
-            per_vm_by(s, sink, "scope", n.each_ref().map(String::as_str), |m| {
-                m.iotlb_flushes
-            });
-        },
+        collect: |s, sink| per_vm_by_name(s, sink, "scope", &FLUSH_SCOPES, |m| m.iotlb_flushes),
     },
     Family {
         name: "tdpshare_iotlb_flush_seconds",

@@ -144,10 +144,13 @@ pub fn apply_all(
     name_of: impl Fn(u32) -> Option<String>,
 ) {
     for chunk in events.chunks(BATCH) {
+        // Names are read from /proc before the lock is taken: a scrape never waits on them.
+        let named: Vec<Option<tdpshare::Event>> =
+            chunk.iter().map(|e| namer.first(e, &name_of)).collect();
         let mut reg = shared.lock();
-        for e in chunk {
-            if let Some(named) = namer.first(e, &name_of) {
-                reg.apply(&named, host);
+        for (e, named) in chunk.iter().zip(&named) {
+            if let Some(named) = named {
+                reg.apply(named, host);
             }
             reg.apply(e, host);
         }
